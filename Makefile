@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pairuni-installed
+# torch is pinned and installed first, alone, so no other package can pull a different build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench setup cuda-check lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pairuni train
+
+test: $(STAMP) cuda-check
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+# Compile-check the torch-free CUDA header with plain nvcc when nvcc exists (no GPU needed).
+cuda-check:
+	@if command -v nvcc >/dev/null 2>&1 && [ -f csrc/check/header_check.cu ]; then \
+		echo "nvcc compile-check of csrc/cfg_sampling.cuh"; \
+		nvcc -std=c++17 -arch=sm_80 -Icsrc -c csrc/check/header_check.cu -o /tmp/pairuni_check_header.o; \
+	else echo "cuda-check: nvcc or csrc/check/header_check.cu not found, skipped"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check pairuni_kernels engine tests benchmarks
+
+clean:
+	rm -rf build *.egg-info pairuni_kernels/_C*.so .pytest_cache

@@ -1,0 +1,36 @@
+"""`pairuni` console script. Each subcommand lives in its own module, listed below.
+
+A module in `COMMAND_MODULES` defines `register(subparsers)`, which adds its parser(s) and
+sets `func` (called with the parsed args; its return value is the exit code).
+Modules are imported lazily, so `pairuni --help` stays fast and a missing optional
+dependency only breaks the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairuni", description="PairGRPO for unified VLMs (Janus-Pro).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
