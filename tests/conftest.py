@@ -1,0 +1,35 @@
+"""Test-wide setup. Triton kernels run in the numpy interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, hence at the top here.
+Use the `triton_backend` fixture to force the Triton path on CPU tensors.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels (interpreted on CPU) for the duration of a test."""
+    monkeypatch.setenv("PAIRUNI_BACKEND", "triton")
+    return DEVICE
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("PAIRUNI_BACKEND", "reference")
+    return DEVICE
+
+
+@pytest.fixture
+def gen():
+    """A fresh, seeded generator per test: random inputs, never zeros, reproducible."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("PAIRUNI_RANDOM_SEED") else 1234)
+    return g
