@@ -1,8 +1,408 @@
-"""clipped_policy_loss. Placeholder dispatch."""
+"""Clipped policy-ratio loss (PPO / GRPO / PairGRPO): Triton kernels, torch.library ops, front.
+
+Four layers, as in Liger-Kernel:
+  kernels      `_policy_loss_fwd_kernel`, `_policy_loss_bwd_kernel` (one program per row,
+               looping over T in BLOCK chunks; int64 offsets)
+  launchers    `_launch_fwd`, `_launch_bwd`
+  ops          `pairuni::clipped_policy_loss_fwd` / `_bwd` (torch.library custom ops with a fake
+               implementation and registered autograd, so torch.compile(fullgraph=True) traces them)
+  front        `clipped_policy_loss` (validation, dispatch, PolicyLossOutput)
+
+Every aggregation mode lives in the kernels: each row emits `num_row` and `den_row` such that
+    loss = sum(num) / max(sum(den), 1)
+  token-mean               num = row_sum            den = row_count
+  seq-mean-token-mean      num = row_sum / count    den = [count > 0]
+  seq-mean-token-sum       num = row_sum            den = 1
+  seq-mean-token-sum-norm  num = row_sum / T        den = 0
+so the only work outside the kernels is summing [N]-sized partials (deterministic, no atomics).
+
+Bytes moved at N*T tokens (fp32 logp/old, bool mask, advantages per row):
+  forward  4 + 4 + 1 = 9 B/token read (+4 with ref_logp, +4 with per-token advantages)
+  backward the same 9 B/token read + 4 B/token written (grad in logp's dtype)
+Sequence-level ratios re-read the row once more in each direction (row reduction first).
+"""
+
 from __future__ import annotations
 
+import torch
+import triton
+import triton.language as tl
+
 from . import reference as ref
+from ._backend import use_triton
+from .reference import LOG_RATIO_CLAMP, PolicyLossOutput
+
+_KL_CODE = {name: i for i, name in enumerate(ref.KL_ESTIMATORS)}
+_AGG_CODE = {name: i for i, name in enumerate(ref.LOSS_AGG_MODES)}
+# rows of the per-row statistics tensor written by the forward kernel
+_NUM, _DEN, _COUNT, _CLIP, _KL, _RATIO, _SEQ_LR = range(7)
+_N_STATS = 7
 
 
-def clipped_policy_loss(logp, old_logp, advantages, mask, **kw):
-    return ref.clipped_policy_loss(logp, old_logp, advantages, mask, **kw)
+@triton.jit
+def _token_terms(lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
+                 SEQ_LEVEL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
+                 KL_EST: tl.constexpr):
+    """Per-token loss pieces. Returns (token loss, clipped flag, kl, ratio, dpg/dlog_ratio, dkl/dlogp)."""
+    if SEQ_LEVEL:
+        log_ratio = tl.zeros_like(lp) + seq_lr
+    else:
+        log_ratio = tl.minimum(tl.maximum(lp - old, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    ratio = tl.exp(log_ratio)
+    pg_unclipped = -a * ratio
+    pg_clipped = -a * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = pg_clipped > pg_unclipped
+    pg = tl.where(clipped, pg_clipped, pg_unclipped)
+    # d pg / d log_ratio: -A * ratio on the unclipped branch, 0 where a clip bound is active
+    dpg = tl.where(clipped, 0.0, -a * ratio)
+    if HAS_DUAL:
+        bound = -a * dual_c
+        dual = (a < 0) & (pg > bound)
+        pg = tl.where(dual, bound, pg)
+        dpg = tl.where(dual, 0.0, dpg)
+        clipped = clipped | dual
+    if HAS_REF:
+        if KL_EST == 0:  # k1 = logp - ref, d/dlogp = 1
+            kl = lp - ref_lp
+            dkl = tl.zeros_like(lp) + 1.0
+        elif KL_EST == 1:  # k2 = (logp - ref)^2 / 2, d/dlogp = logp - ref
+            kl = 0.5 * (lp - ref_lp) * (lp - ref_lp)
+            dkl = lp - ref_lp
+        else:  # k3 = e^d - d - 1, d = clamp(ref - logp), d/dlogp = (1 - e^d) inside the clamp
+            d_raw = ref_lp - lp
+            d = tl.minimum(tl.maximum(d_raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+            ed = tl.exp(d)
+            kl = ed - d - 1.0
+            inside = (d_raw >= -LOG_RATIO_CLAMP) & (d_raw <= LOG_RATIO_CLAMP)
+            dkl = tl.where(inside, 1.0 - ed, 0.0)
+        tok = pg + beta * kl
+    else:
+        kl = tl.zeros_like(lp)
+        dkl = tl.zeros_like(lp)
+        tok = pg
+    return tok, clipped, kl, ratio, dpg, dkl
+
+
+@triton.jit
+def _load_row_chunk(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
+                    s_lp, s_old, s_ref, s_adv, s_mask, a_row,
+                    HAS_REF: tl.constexpr, ADV_PER_TOKEN: tl.constexpr):
+    """Loads one [BLOCK] chunk of a row; masked entries read as 0 so garbage there never leaks."""
+    inb = cols < T
+    m = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
+    lp = tl.load(logp_ptr + row * s_lp + cols, mask=m, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + row * s_old + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_REF:
+        ref_lp = tl.load(ref_ptr + row * s_ref + cols, mask=m, other=0.0).to(tl.float32)
+    else:
+        ref_lp = lp
+    if ADV_PER_TOKEN:
+        a = tl.load(adv_ptr + row * s_adv + cols, mask=m, other=0.0).to(tl.float32)
+    else:
+        a = tl.where(m, a_row, 0.0)
+    return m, lp, old, ref_lp, a
+
+
+@triton.jit
+def _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK: tl.constexpr):
+    """Masked mean over a row of clamp(logp - old); also returns the row's token count."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, T, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        inb = cols < T
+        m = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
+        lp = tl.load(logp_ptr + row * s_lp + cols, mask=m, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + row * s_old + cols, mask=m, other=0.0).to(tl.float32)
+        lr = tl.minimum(tl.maximum(lp - old, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+        acc += tl.where(m, lr, 0.0)
+        cnt += m.to(tl.float32)
+    count = tl.sum(cnt, axis=0)
+    return tl.sum(acc, axis=0) / tl.maximum(count, 1.0), count
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr,
+    N, T, s_lp, s_old, s_adv, s_mask, s_ref,
+    eps_low, eps_high, dual_c, beta, inv_T,
+    SEQ_LEVEL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
+    AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = 0.0
+    if not ADV_PER_TOKEN:
+        a_row = tl.load(adv_ptr + row).to(tl.float32)
+    seq_lr = 0.0
+    if SEQ_LEVEL:
+        seq_lr, _ = _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK)
+
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    clip_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    ratio_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, T, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        m, lp, old, ref_lp, a = _load_row_chunk(
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
+            s_lp, s_old, s_ref, s_adv, s_mask, a_row, HAS_REF, ADV_PER_TOKEN)
+        tok, clipped, kl, ratio, _, _ = _token_terms(
+            lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
+            SEQ_LEVEL, HAS_DUAL, HAS_REF, KL_EST)
+        loss_acc += tl.where(m, tok, 0.0)
+        cnt_acc += m.to(tl.float32)
+        clip_acc += (m & clipped).to(tl.float32)
+        kl_acc += tl.where(m, kl, 0.0)
+        ratio_acc += tl.where(m, ratio, 0.0)
+
+    row_sum = tl.sum(loss_acc, axis=0)
+    count = tl.sum(cnt_acc, axis=0)
+    if AGG == 0:
+        num = row_sum
+        den = count
+    elif AGG == 1:
+        num = row_sum / tl.maximum(count, 1.0)
+        den = tl.where(count > 0, 1.0, 0.0)
+    elif AGG == 2:
+        num = row_sum
+        den = 1.0
+    else:
+        num = row_sum * inv_T
+        den = 0.0
+    tl.store(stats_ptr + 0 * N + row, num)
+    tl.store(stats_ptr + 1 * N + row, den)
+    tl.store(stats_ptr + 2 * N + row, count)
+    tl.store(stats_ptr + 3 * N + row, tl.sum(clip_acc, axis=0))
+    tl.store(stats_ptr + 4 * N + row, tl.sum(kl_acc, axis=0))
+    tl.store(stats_ptr + 5 * N + row, tl.sum(ratio_acc, axis=0))
+    tl.store(stats_ptr + 6 * N + row, seq_lr)
+
+
+@triton.jit
+def _policy_loss_bwd_kernel(
+    grad_loss_ptr, den_total_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, grad_ptr,
+    N, T, s_lp, s_old, s_adv, s_mask, s_ref, s_grad,
+    eps_low, eps_high, dual_c, beta, inv_T,
+    SEQ_LEVEL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
+    AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # dL/dlogp_t = g / den_total * c_row * m_t * (d pg_t/d log_ratio_t * d log_ratio_t/d logp_t + beta * dkl_t)
+    #   c_row = 1, 1/count, 1, 1/T for the four aggregation modes;
+    #   token level: d log_ratio_t/d logp_t = [|logp_t - old_t| <= 20]
+    #   sequence level: log_ratio_u = mean_v(clamped lr_v) for all u, so
+    #   d/dlogp_t = [inside_t] / count * sum_u m_u * d pg_u/d log_ratio
+    row = tl.program_id(0).to(tl.int64)
+    count = tl.load(stats_ptr + 2 * N + row)
+    seq_lr = tl.load(stats_ptr + 6 * N + row)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(den_total_ptr)
+    if AGG == 1:
+        scale = scale / tl.maximum(count, 1.0)
+    elif AGG == 3:
+        scale = scale * inv_T
+    a_row = 0.0
+    if not ADV_PER_TOKEN:
+        a_row = tl.load(adv_ptr + row).to(tl.float32)
+
+    seq_grad = 0.0
+    if SEQ_LEVEL:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, T, BLOCK):
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            m, lp, old, ref_lp, a = _load_row_chunk(
+                logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
+                s_lp, s_old, s_ref, s_adv, s_mask, a_row, HAS_REF, ADV_PER_TOKEN)
+            _, _, _, _, dpg, _ = _token_terms(
+                lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
+                SEQ_LEVEL, HAS_DUAL, HAS_REF, KL_EST)
+            acc += tl.where(m, dpg, 0.0)
+        seq_grad = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+
+    for start in range(0, T, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        m, lp, old, ref_lp, a = _load_row_chunk(
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
+            s_lp, s_old, s_ref, s_adv, s_mask, a_row, HAS_REF, ADV_PER_TOKEN)
+        _, _, _, _, dpg, dkl = _token_terms(
+            lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
+            SEQ_LEVEL, HAS_DUAL, HAS_REF, KL_EST)
+        d_raw = lp - old
+        inside = (d_raw >= -LOG_RATIO_CLAMP) & (d_raw <= LOG_RATIO_CLAMP)
+        if SEQ_LEVEL:
+            g = tl.where(inside, seq_grad, 0.0)
+        else:
+            g = tl.where(inside, dpg, 0.0)
+        if HAS_REF:
+            g += beta * dkl
+        g = tl.where(m, g * scale, 0.0)
+        tl.store(grad_ptr + row * s_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < T)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _block_for(t: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(t)))
+
+
+def _inner_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels take a row stride and need unit stride along T."""
+    if x is None or x.dim() == 1 or x.stride(-1) == 1:
+        return x
+    return x.contiguous()
+
+
+def _common_args(logp, old_logp, advantages, mask, ref_logp):
+    logp, old_logp, advantages, mask, ref_logp = map(_inner_contiguous, (logp, old_logp, advantages, mask, ref_logp))
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    adv_per_token = advantages.dim() == 2
+    if not adv_per_token:
+        advantages = advantages.contiguous()
+    has_ref = ref_logp is not None
+    ref_arg = ref_logp if has_ref else logp
+    strides = (logp.stride(0), old_logp.stride(0), advantages.stride(0) if adv_per_token else 0,
+               mask.stride(0), ref_arg.stride(0))
+    return logp, old_logp, advantages, mask, ref_arg, strides, adv_per_token, has_ref
+
+
+def _launch_fwd(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, dual_c, beta, kl_est, agg,
+                seq_level) -> torch.Tensor:
+    n, t = logp.shape
+    logp, old_logp, advantages, mask, ref_arg, strides, adv_per_token, has_ref = _common_args(
+        logp, old_logp, advantages, mask, ref_logp)
+    stats = torch.empty(_N_STATS, n, dtype=torch.float32, device=logp.device)
+    _policy_loss_fwd_kernel[(n,)](
+        logp, old_logp, advantages, mask, ref_arg, stats, n, t, *strides,
+        float(eps_low), float(eps_high), float(dual_c), float(beta), 1.0 / t,
+        SEQ_LEVEL=seq_level, HAS_DUAL=dual_c > 1.0, HAS_REF=has_ref, KL_EST=kl_est, AGG=agg,
+        ADV_PER_TOKEN=adv_per_token, BLOCK=_block_for(t),
+    )
+    return stats
+
+
+def _launch_bwd(grad_loss, den_total, logp, old_logp, advantages, mask, ref_logp, stats, eps_low, eps_high,
+                dual_c, beta, kl_est, agg, seq_level) -> torch.Tensor:
+    n, t = logp.shape
+    grad = torch.empty((n, t), dtype=logp.dtype, device=logp.device)
+    logp, old_logp, advantages, mask, ref_arg, strides, adv_per_token, has_ref = _common_args(
+        logp, old_logp, advantages, mask, ref_logp)
+    _policy_loss_bwd_kernel[(n,)](
+        grad_loss.float().contiguous(), den_total, logp, old_logp, advantages, mask, ref_arg, stats, grad,
+        n, t, *strides, grad.stride(0),
+        float(eps_low), float(eps_high), float(dual_c), float(beta), 1.0 / t,
+        SEQ_LEVEL=seq_level, HAS_DUAL=dual_c > 1.0, HAS_REF=has_ref, KL_EST=kl_est, AGG=agg,
+        ADV_PER_TOKEN=adv_per_token, BLOCK=_block_for(t),
+    )
+    return grad
+
+
+def _combine(stats: torch.Tensor):
+    """[7, N] per-row partials -> (loss, clip_fraction, kl, ratio_mean, den_total[1])."""
+    totals = stats[:_RATIO + 1].sum(dim=1)
+    den_total = totals[_DEN].clamp(min=1.0)
+    tokens = totals[_COUNT].clamp(min=1.0)
+    loss = totals[_NUM] / den_total
+    return loss, totals[_CLIP] / tokens, totals[_KL] / tokens, totals[_RATIO] / tokens, den_total.reshape(1)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("pairuni::clipped_policy_loss_fwd", mutates_args=())
+def clipped_policy_loss_fwd(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logp: torch.Tensor | None, epsilon_low: float, epsilon_high: float, dual_clip_c: float, beta: float,
+    kl_estimator: int, loss_agg_mode: int, sequence_level: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, clip_fraction, kl, ratio_mean, stats[7, N], den_total[1]); dual_clip_c <= 1 disables it."""
+    stats = _launch_fwd(logp, old_logp, advantages, mask, ref_logp, epsilon_low, epsilon_high, dual_clip_c, beta,
+                        kl_estimator, loss_agg_mode, sequence_level)
+    loss, clip_fraction, kl, ratio_mean, den_total = _combine(stats)
+    return loss, clip_fraction, kl, ratio_mean, stats, den_total
+
+
+@clipped_policy_loss_fwd.register_fake
+def _(logp, old_logp, advantages, mask, ref_logp, epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator,
+      loss_agg_mode, sequence_level):
+    torch._check(logp.dim() == 2, lambda: "logp must be [N, T]")
+    scalar = logp.new_empty((), dtype=torch.float32)
+    return (scalar, scalar.clone(), scalar.clone(), scalar.clone(),
+            logp.new_empty((_N_STATS, logp.shape[0]), dtype=torch.float32), logp.new_empty((1,), dtype=torch.float32))
+
+
+@torch.library.custom_op("pairuni::clipped_policy_loss_bwd", mutates_args=())
+def clipped_policy_loss_bwd(
+    grad_loss: torch.Tensor, den_total: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor,
+    advantages: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None, stats: torch.Tensor,
+    epsilon_low: float, epsilon_high: float, dual_clip_c: float, beta: float, kl_estimator: int,
+    loss_agg_mode: int, sequence_level: bool,
+) -> torch.Tensor:
+    """d(loss)/d(logp), [N, T] in logp's dtype, from the forward's per-row statistics."""
+    return _launch_bwd(grad_loss, den_total, logp, old_logp, advantages, mask, ref_logp, stats, epsilon_low,
+                       epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode, sequence_level)
+
+
+@clipped_policy_loss_bwd.register_fake
+def _(grad_loss, den_total, logp, *args):
+    return torch.empty_like(logp)
+
+
+def _setup_context(ctx, inputs, output):
+    logp, old_logp, advantages, mask, ref_logp, *knobs = inputs
+    ctx.save_for_backward(logp, old_logp, advantages, mask, ref_logp, output[4], output[5])
+    ctx.knobs = knobs
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *unused):
+    logp, old_logp, advantages, mask, ref_logp, stats, den_total = ctx.saved_tensors
+    grad = torch.ops.pairuni.clipped_policy_loss_bwd(
+        grad_loss, den_total, logp, old_logp, advantages, mask, ref_logp, stats, *ctx.knobs)
+    return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+clipped_policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- front
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        *, ref_logp: torch.Tensor | None = None, epsilon_low: float = 0.2,
+                        epsilon_high: float = 0.2, dual_clip_c: float | None = None, beta: float = 0.0,
+                        kl_estimator: str = "k3", loss_agg_mode: str = "token-mean",
+                        importance_sampling_level: str = "token") -> PolicyLossOutput:
+    """PPO/GRPO clipped surrogate over [N, T] token log-probs; differentiable in `logp`.
+
+    `log_ratio = clamp(logp - old_logp, -20, 20)` (the row's masked mean at sequence level),
+    `pg = max(-A r, -A clip(r, 1 - epsilon_low, 1 + epsilon_high))`, for A < 0 with dual clip
+    `pg = min(pg, -A c)`; per-token loss `pg + beta * kl`, aggregated by `loss_agg_mode`.
+
+    Args:
+        logp:       [N, T] float32/bf16/fp16, log pi_theta of the sampled tokens.
+        old_logp:   [N, T] float, log-probs recorded at rollout.
+        advantages: [N] or [N, T] float (e.g. from `group_advantages`).
+        mask:       [N, T] bool/int/float, nonzero = counted token. Masked entries of all inputs are ignored.
+        ref_logp:   [N, T] float or None; needed when beta > 0.
+        epsilon_low, epsilon_high: clip range of the ratio (asymmetric "clip-higher" allowed).
+        dual_clip_c: None or c > 1 (dual-clip PPO for negative advantages).
+        beta:       KL coefficient (0 by default, as in PairUni).
+        kl_estimator: "k1" | "k2" | "k3".
+        loss_agg_mode: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm".
+        importance_sampling_level: "token" | "sequence".
+    Returns:
+        PolicyLossOutput(loss, clip_fraction, kl, ratio_mean): 0-d float32 tensors; only `loss` has a gradient.
+
+    Example:
+        >>> out = clipped_policy_loss(logp, old_logp, adv, mask, loss_agg_mode="seq-mean-token-mean")
+        >>> out.loss.backward()
+    """
+    if not use_triton(logp):
+        return ref.clipped_policy_loss(
+            logp, old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator,
+            loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level)
+    ref.validate_policy_loss_inputs(
+        logp, old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+        dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator, loss_agg_mode=loss_agg_mode,
+        importance_sampling_level=importance_sampling_level)
+    loss, clip_fraction, kl, ratio_mean, _, _ = torch.ops.pairuni.clipped_policy_loss_fwd(
+        logp, old_logp, advantages, mask, ref_logp, float(epsilon_low), float(epsilon_high),
+        float(dual_clip_c) if dual_clip_c is not None else 0.0, float(beta), _KL_CODE[kl_estimator],
+        _AGG_CODE[loss_agg_mode], importance_sampling_level == "sequence")
+    return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean)

@@ -1,0 +1,62 @@
+"""clipped_policy_loss forward+backward: Triton kernels vs the torch reference (eager and compiled).
+
+Bytes counted per token (the fewest the op must move): forward reads logp, old_logp (4 B each,
+fp32) and the mask (1 B); backward reads them again and writes the fp32 gradient (4 B):
+22 B/token plus [N]-sized advantages. Effective GB/s = counted bytes / median time, and
+`of_copy` = that over the measured device-to-device copy bandwidth.
+On CPU only the reference runs (Triton on CPU is the interpreter: correctness only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from _timing import copy_bandwidth_gbps, time_ms
+from pairuni_kernels import reference
+from pairuni_kernels.policy_loss import clipped_policy_loss as fused_loss
+
+SHAPES = [(64, 576), (128, 1024), (256, 2048), (512, 4096), (4096, 4096)]
+QUICK_SHAPES = [(64, 576)]
+BYTES_PER_TOKEN = 4 + 4 + 1 + 4 + 4 + 1 + 4
+
+
+def _inputs(n, t, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    lp = -torch.rand(n, t, device=device, generator=g) * 3
+    old = lp + 0.1 * torch.randn(n, t, device=device, generator=g)
+    adv = torch.randn(n, device=device, generator=g)
+    mask = torch.rand(n, t, device=device, generator=g) > 0.1
+    return lp.requires_grad_(), old, adv, mask
+
+
+def _step(loss_fn, lp, old, adv, mask):
+    def run():
+        lp.grad = None
+        loss_fn(lp, old, adv, mask).loss.backward()
+    return run
+
+
+def collect(device: str, quick: bool) -> list[dict]:
+    rows = []
+    shapes = QUICK_SHAPES if quick else (SHAPES if device == "cuda" else SHAPES[:4])
+    compiled_ref = torch.compile(reference.clipped_policy_loss)
+    for n, t in shapes:
+        lp, old, adv, mask = _inputs(n, t, device)
+        nbytes = n * t * BYTES_PER_TOKEN
+        impls = {"reference_eager": reference.clipped_policy_loss, "reference_compiled": compiled_ref}
+        if device == "cuda":
+            impls["triton"] = fused_loss
+        copy_gbps = copy_bandwidth_gbps(nbytes, device) if device == "cuda" else None
+        times = {}
+        for name, fn in impls.items():
+            stats = time_ms(_step(fn, lp, old, adv, mask), device, warmup=3, reps=10 if n * t < 2**22 else 5)
+            times[name] = stats["median_ms"]
+            gbps = nbytes / (stats["median_ms"] * 1e-3) / 1e9
+            row = {"case": f"N={n} T={t}", "impl": name, "fwd_bwd_ms": stats["median_ms"],
+                   "p20_ms": stats["p20_ms"], "p80_ms": stats["p80_ms"], "eff_gbps": gbps}
+            if copy_gbps:
+                row["of_copy"] = gbps / copy_gbps
+            rows.append(row)
+        for row in rows[-len(impls):]:
+            row["speedup_vs_eager"] = times["reference_eager"] / row["fwd_bwd_ms"]
+    return rows
