@@ -362,6 +362,33 @@ clipped_policy_loss_fwd.register_autograd(_backward, setup_context=_setup_contex
 
 
 # ----------------------------------------------------------------------------- front
+def loss_denominator(mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """The denominator `clipped_policy_loss` divides by for this mask, as a 0-d float32 tensor.
+
+    Needed to split one logical batch into micro-batches or data-parallel ranks exactly:
+    `loss_part * max(den_part, 1) / max(den_total, 1)` summed over the parts equals the
+    loss of the whole batch, where `den_total` is the sum of the parts' denominators
+    (all-reduced across ranks). "seq-mean-token-sum-norm" divides by T, not by a count,
+    so its denominator is 1 for every part and the parts' losses simply add up.
+
+    Args:
+        mask: [N, T] bool/int/float, nonzero = counted token.
+        loss_agg_mode: one of `reference.LOSS_AGG_MODES`.
+    """
+    if loss_agg_mode not in ref.LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {ref.LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    counts = (mask != 0).sum(-1)
+    if loss_agg_mode == "token-mean":
+        den = counts.sum()
+    elif loss_agg_mode == "seq-mean-token-mean":
+        den = (counts > 0).sum()
+    elif loss_agg_mode == "seq-mean-token-sum":
+        den = torch.tensor(mask.shape[0], device=mask.device)
+    else:
+        den = torch.tensor(1, device=mask.device)
+    return den.to(torch.float32)
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         *, ref_logp: torch.Tensor | None = None, epsilon_low: float = 0.2,
                         epsilon_high: float = 0.2, dual_clip_c: float | None = None, beta: float = 0.0,
