@@ -1,0 +1,53 @@
+"""`pairuni plan`: exact Janus-Pro shapes and the memory terms' arithmetic."""
+
+import pytest
+
+from engine import plan
+from engine.janus_shapes import janus_pro_config, parameter_counts
+
+
+@pytest.fixture(scope="module")
+def counts_7b():
+    return parameter_counts(janus_pro_config("janus-pro-7b"))
+
+
+def test_janus_pro_shapes_match_released_sizes(counts_7b):
+    # released checkpoints: Janus-Pro-7B ~7.4 B parameters, Janus-Pro-1B ~2.1 B (1.5 B language model)
+    assert 7.35e9 < sum(counts_7b.values()) < 7.45e9
+    counts_1b = parameter_counts(janus_pro_config("janus-pro-1b"))
+    assert 2.0e9 < sum(counts_1b.values()) < 2.15e9
+    # the text and image heads are separate matrices: 102400 x 4096 and (4096 -> 4096 -> 16384)
+    assert counts_7b["lm_head"] == 102400 * 4096
+    assert counts_7b["generation_head"] >= 4096 * 16384
+
+
+def test_terms_follow_parameter_counts(counts_7b):
+    cfg = plan.PlanConfig(model="janus-pro-7b", gpus=1)
+    one = plan.estimate(cfg)
+    total = sum(counts_7b.values())
+    trainable = total - counts_7b["vision_model"] - counts_7b["vqmodel"]
+    assert one["weights"] == pytest.approx(2 * total)
+    assert one["grads"] == pytest.approx(2 * trainable)
+    assert one["optimizer"] == pytest.approx(trainable * (2 + 8 / 2048))
+    eight = plan.estimate(plan.PlanConfig(model="janus-pro-7b", gpus=8))
+    for key in ("weights", "grads", "optimizer"):
+        assert eight[key] == pytest.approx(one[key] / 8)
+    assert eight["fsdp_gather"] > 0 == one["fsdp_gather"]
+    fp32 = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw"))
+    assert fp32["optimizer"] == pytest.approx(8 * trainable)
+
+
+def test_checkpointing_and_group_size_move_the_right_terms():
+    on = plan.estimate(plan.PlanConfig(model="janus-pro-1b", group_size=8))
+    off = plan.estimate(plan.PlanConfig(model="janus-pro-1b", group_size=8, gradient_checkpointing=False))
+    assert off["activations"] > 5 * on["activations"]
+    big = plan.estimate(plan.PlanConfig(model="janus-pro-1b", group_size=16))
+    assert big["kv_cache"] == pytest.approx(2 * on["kv_cache"])
+    assert on["peak"] == max(on["rollout_peak"], on["update_peak"])
+
+
+@pytest.mark.parametrize("field,value", [("model", "janus-pro-3b"), ("gpus", 0), ("optimizer", "sgd"),
+                                         ("param_dtype", "int8")])
+def test_bad_plan_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        plan.estimate(plan.PlanConfig(**{field: value}))
