@@ -15,7 +15,7 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train,test-integrations]"
 	touch $(STAMP)
 
 demo: $(STAMP)
