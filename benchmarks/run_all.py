@@ -74,19 +74,24 @@ def main(argv=None) -> int:
     if args.only:
         suites = [s for s in suites if s.stem[len("bench_"):] in args.only]
     env = environment(args.device)
-    summary = [f"# Benchmarks on {env['device_name']} ({args.device})", "",
-               f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}", ""]
+    suffix = f"_{args.device}" + ("_quick" if args.quick else "")
     for path in suites:
         suite = path.stem[len("bench_"):]
         print(f"== {suite}", flush=True)
         rows = load_suite(path).collect(args.device, args.quick)
-        tag = f"{suite}_{args.device}" + ("_quick" if args.quick else "")
-        (out / f"{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        (out / f"{suite}{suffix}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
         table = markdown_table(rows)
-        (out / f"{tag}.md").write_text(f"# {suite} on {env['device_name']}\n\n{json.dumps(env)}\n\n{table}\n")
-        summary += [f"## {suite}", "", table, ""]
+        (out / f"{suite}{suffix}.md").write_text(f"# {suite} on {env['device_name']}\n\n{json.dumps(env)}\n\n{table}\n")
         print(table, flush=True)
-    (out / f"SUMMARY_{args.device}{'_quick' if args.quick else ''}.md").write_text("\n".join(summary))
+    # the summary gathers every suite's latest results on this device, not only the ones just run
+    summary = [f"# Benchmarks ({args.device})", ""]
+    for result in sorted(out.glob(f"*{suffix}.json")):
+        data = json.loads(result.read_text())
+        e = data["environment"]
+        summary += [f"## {result.stem[:-len(suffix)]}", "",
+                    f"{e['device_name']}, torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, {e['date']}", "",
+                    markdown_table(data["rows"]), ""]
+    (out / f"SUMMARY{suffix}.md").write_text("\n".join(summary))
     return 0
 
 
