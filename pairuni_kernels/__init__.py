@@ -7,8 +7,13 @@ CUDA tensors run Triton kernels, CPU tensors the pure-torch reference
 """
 
 from .advantages import group_advantages, pair_weights
+from .linear_logprobs import fused_linear_policy_loss, linear_logprobs
 from .policy_loss import clipped_policy_loss
 from .reference import PolicyLossOutput
+from .sampling import cfg_sample
 
-__all__ = ["PolicyLossOutput", "clipped_policy_loss", "group_advantages", "pair_weights"]
+__all__ = [
+    "PolicyLossOutput", "cfg_sample", "clipped_policy_loss", "fused_linear_policy_loss", "group_advantages", "linear_logprobs",
+    "pair_weights",
+]
 __version__ = "0.1.0"

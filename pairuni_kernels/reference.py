@@ -269,3 +269,222 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         kl = (kl_tok * m).sum() / total if kl_tok is not None else zero.clone()
         ratio_mean = (ratio * m).sum() / total
     return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean)
+
+
+# ============================================================================= linear head log-probs
+# (section owned by issue 3: linear_logprobs / fused_linear_policy_loss; the spec materialises logits)
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False):
+    """`log_softmax((hidden @ weight.T + bias) / temperature)[targets]`, materialising the [M, V] logits.
+
+    Args:
+        hidden: [M, H] float; weight: [V, H] float; targets: [M] int in [0, V); bias: [V] float or None.
+        temperature: > 0. return_entropy: also return the entropy of each row's distribution.
+    Returns:
+        logp [M] in the compute dtype (or (logp, entropy)); differentiable in hidden, weight, bias.
+    """
+    dt = compute_dtype(hidden.dtype)
+    logits = hidden.to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    logp = logprobs.gather(-1, targets.long()[:, None])[:, 0]
+    if not return_entropy:
+        return logp
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                             bias: torch.Tensor | None = None, temperature: float = 1.0,
+                             **loss_kwargs) -> PolicyLossOutput:
+    """`clipped_policy_loss(linear_logprobs(hidden.flatten(0, 1), ...).view(N, T), ...)` (the spec).
+
+    Masked tokens are ignored like every other masked input: only the rows where `mask` is set are
+    fed to the head (their targets may be padding ids, their hidden rows garbage); logp is 0 elsewhere.
+    """
+    n, t, h = hidden.shape
+    valid = (mask != 0).reshape(n * t)
+    logp_valid = linear_logprobs(hidden.reshape(n * t, h)[valid], weight, targets.reshape(n * t)[valid],
+                                 bias=bias, temperature=temperature)
+    logp = torch.zeros(n * t, dtype=logp_valid.dtype, device=hidden.device).masked_scatter(valid, logp_valid)
+    return clipped_policy_loss(logp.view(n, t), old_logp, advantages, mask, **loss_kwargs)
+
+
+# ============================================================================ cfg_sample
+# Classifier-free-guidance sampling of one decode step: the spec of the C++ CPU kernel
+# (csrc/cfg_sampling.cpp) and the CUDA kernel (csrc/cfg_sampling.cuh), which implement the
+# same random stream (csrc/cfg_sampling_common.h) so all three draw the same tokens for
+# the same seeds where floating point allows (only a top-p boundary can differ, by ulps).
+import math  # (this section is appended after the others: its import lives here)
+
+CFG_LAYOUTS = ("blocked", "interleaved")
+CFG_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_U32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+# fp32 constants of the noise's log (exact fp32 values; see cfg_sampling_common.h)
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06
+_INV3, _INV5, _INV7, _INV9 = 0.3333333432674408, 0.20000000298023224, 0.1428571492433548, 0.1111111119389534
+_SQRT2_BITS = 0x3FB504F3
+
+
+def _mul_hi_lo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of m * x for x holding uint32 values in int64 (no overflow)."""
+    t = m * (x & 0xFFFF)  # < 2^48
+    s = m * (x >> 16)  # < 2^48; m * x = t + s * 2^16
+    return (s + (t >> 16)) >> 16, (t + ((s & 0xFFFF) << 16)) & _U32
+
+
+def philox4x32_10(ctr: tuple, key: tuple) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Random123) on int64 tensors holding uint32 words; broadcasts."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(_PHILOX_M0, c0)
+        hi1, lo1 = _mul_hi_lo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _U32, (k1 + _PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+def cfg_random_bits(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] uint32 words (in int64) of the stream keyed by (seeds[b], steps[b], token)."""
+    seeds = seeds.to(torch.int64).view(-1, 1)
+    steps = steps.to(torch.int64).view(-1, 1)
+    groups = torch.arange((vocab + 3) // 4, dtype=torch.int64, device=seeds.device).view(1, -1)
+    words = philox4x32_10((groups, torch.zeros_like(groups), steps & _U32, (steps >> 32) & _U32),
+                          (seeds & _U32, (seeds >> 32) & _U32))
+    bcast = torch.broadcast_shapes(seeds.shape, steps.shape, groups.shape)
+    return torch.stack([w.expand(bcast) for w in words], dim=-1).flatten(1)[:, :vocab]
+
+
+def _log_positive(x: torch.Tensor) -> torch.Tensor:
+    """The sampler's fp32 log of positive normal floats, op for op as in cfg_sampling_common.h."""
+    b = x.view(torch.int32).to(torch.int64)
+    e = ((b >> 23) & 0xFF) - 127
+    mb = (b & 0x7FFFFF) | 0x3F800000
+    above = (mb > _SQRT2_BITS).to(torch.int64)
+    mb = mb - (above << 23)
+    e = (e + above).to(torch.float32)
+    m = mb.to(torch.int32).view(torch.float32)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    t = torch.full_like(s, _INV9)
+    for c in (_INV7, _INV5, _INV3):
+        t = (t * s2) + c
+    t = t * s2
+    two_s = s + s
+    log_m = two_s + (two_s * t)
+    return (log_m + (e * _LN2_LO)) + (e * _LN2_HI)
+
+
+def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)) in fp32, u = (2*(bits >> 9) + 1) * 2^-24."""
+    u = (((bits >> 9) << 1) | 1).to(torch.float32) * 5.9604644775390625e-08
+    return -_log_positive(-_log_positive(u))
+
+
+def validate_cfg_sample_inputs(logits, seeds, step, guidance_scale, temperature, top_k, top_p, layout,
+                               *, dtypes=CFG_LOGIT_DTYPES + (torch.float64,), check_finite=True) -> int:
+    """Raise ValueError naming the argument; returns B. `check_finite` reads the logits (a host sync on CUDA)."""
+    check_tensor("logits", logits, ndim=2, dtypes=dtypes)
+    if logits.shape[0] == 0 or logits.shape[0] % 2 != 0:
+        raise ValueError(f"logits: expected [2B, V] with an even, positive first dimension "
+                         f"(B conditional + B unconditional rows), got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits: expected V > 0 columns, got 0")
+    batch = logits.shape[0] // 2
+    check_tensor("seeds", seeds, ndim=1, dtypes=(torch.int64,), device=logits.device)
+    check_shape("seeds", seeds, (batch,))
+    if isinstance(step, torch.Tensor):
+        check_tensor("step", step, dtypes=(torch.int64,), device=logits.device)
+        if step.numel() != 1 and tuple(step.shape) != (batch,):
+            raise ValueError(f"step: expected an int, a one-element int64 tensor or shape ({batch},), "
+                             f"got shape {tuple(step.shape)}")
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an int >= 0 or an int64 tensor, got {step!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite float, got {guidance_scale!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite float >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected a float in (0, 1] (1 = off), got {top_p!r}")
+    if layout not in CFG_LAYOUTS:
+        raise ValueError(f"layout: expected one of {CFG_LAYOUTS}, got {layout!r}")
+    # one vectorised min/max pass (NaN propagates through both), ~10x cheaper than isfinite().all()
+    if check_finite and not all(bool(torch.isfinite(v)) for v in torch.aminmax(logits)):
+        bad = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"logits: rows {bad[:8]} contain NaN or inf (logits must be finite)")
+    return batch
+
+
+def split_cfg_logits(logits: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [B, V], uncond [B, V]) views of [2B, V] logits in the given layout."""
+    if layout == "interleaved":
+        return logits[0::2], logits[1::2]
+    batch = logits.shape[0] // 2
+    return logits[:batch], logits[batch:]
+
+
+def cfg_guided_logits(logits, guidance_scale: float, temperature: float = 1.0, layout: str = "blocked"):
+    """z = (u + guidance_scale * (c - u)) / temperature in fp32 (float64 for float64 input),
+    rounding once per operation in that order; temperature 0 returns the untempered guided logits."""
+    dt = compute_dtype(logits.dtype)
+    cond, uncond = (x.to(dt) for x in split_cfg_logits(logits, layout))
+    guided = uncond + guidance_scale * (cond - uncond)
+    return guided / temperature if temperature > 0 else guided
+
+
+def cfg_keep_mask(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[B, V] bool: the tokens top-k and then top-p keep (ties at a boundary kept together).
+
+    top-k keeps z >= the k-th largest z (k >= V or 0: all). top-p then keeps token i when the
+    probability mass of kept tokens with z strictly larger than z_i is < top_p (HF semantics).
+    Masses are exp(z - max) in the compute dtype summed in float64.
+    """
+    vocab = z.shape[-1]
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        keep = z >= torch.topk(z, top_k, dim=-1).values[:, -1:]
+    if top_p < 1.0:
+        m = z.max(dim=-1, keepdim=True).values
+        mass = torch.where(keep, torch.exp(z - m), torch.zeros_like(z)).double()
+        total = mass.sum(-1, keepdim=True)
+        zk = torch.where(keep, z, torch.full_like(z, -math.inf))
+        z_desc, order = torch.sort(zk, dim=-1, descending=True)
+        cum = torch.cat([torch.zeros_like(total), mass.gather(-1, order).cumsum(-1)], dim=-1)
+        n_greater = vocab - torch.searchsorted(z_desc.flip(-1).contiguous(), zk.contiguous(), right=True)
+        above = cum.gather(-1, n_greater)
+        keep = keep & (above < top_p * total)
+    return keep
+
+
+def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seeds: torch.Tensor, step, layout: str = "blocked",
+               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `pairuni_kernels.cfg_sample`: (tokens [B] int64, logprobs [B] float32).
+
+    Gumbel-max over the kept tokens with the noise of `gumbel_from_bits(cfg_random_bits(...))`,
+    first index on ties; logprobs = log_softmax of the kept z at the drawn token; temperature 0
+    gives the first argmax of the guided logits and logprob 0 (a point mass).
+    """
+    batch = validate_cfg_sample_inputs(logits, seeds, step, guidance_scale, temperature, top_k, top_p, layout,
+                                       check_finite=check_finite)
+    z = cfg_guided_logits(logits, float(guidance_scale), float(temperature), layout)
+    if temperature == 0:
+        return z.argmax(dim=-1), torch.zeros(batch, dtype=torch.float32, device=logits.device)
+    keep = cfg_keep_mask(z, top_k, top_p)
+    steps = step if isinstance(step, torch.Tensor) else torch.tensor([step], dtype=torch.int64, device=logits.device)
+    noise = gumbel_from_bits(cfg_random_bits(seeds, steps.reshape(-1), z.shape[-1])).to(z.dtype)
+    neg_inf = torch.full_like(z, -math.inf)
+    tokens = torch.where(keep, z + noise, neg_inf).argmax(dim=-1)
+    kept = torch.where(keep, z, neg_inf)
+    logprobs = kept.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(kept, dim=-1)
+    return tokens, logprobs.to(torch.float32)

@@ -1,0 +1,876 @@
+"""Token log-probs (and the PairGRPO loss) straight from hidden states: never the [M, V] logits.
+
+    logp[i] = log_softmax((hidden[i] @ weight.T + bias) / temperature)[targets[i]]
+
+Four layers, as in Liger-Kernel:
+  kernels    `_chunk_stats_kernel` (online max / sum-exp / target logit / entropy over one
+             [rows, vocab] chunk of logits) and `_chunk_dlogits_kernel` (turns a chunk of logits
+             into d loss / d logits, in place in the same buffer). One program per row, looping
+             over the chunk's vocabulary in BLOCK_V tiles; int64 offsets.
+  chunk loops `_forward_impl` / `_backward_impl` (linear_logprobs) and `_fused_loss_impl`
+             (the loss): rows are processed a chunk at a time (and the vocabulary a slice at a
+             time when asked or needed); each chunk's logits are one cuBLAS (or CPU BLAS) matmul
+             into a buffer allocated once and reused, so the extra memory is one chunk buffer plus
+             O(M) per-row statistics, whatever M is.
+  ops        `pairuni::linear_logprobs_fwd` / `_bwd` and `pairuni::fused_linear_policy_loss_fwd`
+             (torch.library custom ops, fake implementations, registered autograd), so
+             torch.compile(fullgraph=True) traces them.
+  fronts     `linear_logprobs`, `fused_linear_policy_loss` (validation, dispatch).
+
+linear_logprobs: forward keeps only the per-row log-sum-exp (and entropy when asked); backward
+recomputes each chunk's logits once (the gradient arriving at logp is unknown until then).
+fused_linear_policy_loss: chunks hold whole sequences, so forward can finish each chunk
+completely: logits, logp, the clipped loss and its gradient d loss / d logp (closed form, see
+`_policy_loss_terms`), d logits in place, then grad hidden / grad weight. Logits are computed
+once, the three matmuls of the unfused path are all there is, and backward only scales the
+stored gradients by the incoming scalar. (Sequences whose logits exceed
+SINGLE_PASS_MAX_ELEMENTS fall back to linear_logprobs + the [N, T] loss: logits twice.)
+CUDA tensors run the Triton kernels for the softmax work; CPU tensors run the same chunk loops
+with in-place torch ops (`PAIRUNI_BACKEND=triton` forces the kernels on CPU under
+TRITON_INTERPRET=1, as the tests do).
+
+Departures from the textbook composition:
+  * `fused_linear_policy_loss` skips masked tokens entirely: their hidden rows are never
+    multiplied by the head, their targets are never read (padding ids such as -100 are fine),
+    their gradients are exactly zero even when the hidden row holds NaN.
+  * The matmuls run in the input dtype (bf16 stays bf16 on the tensor cores, as in the unfused
+    model); the softmax, the entropy and the gradient of the logits are computed in fp32.
+    `grad_weight` is accumulated over row chunks in the weight's dtype (one rounding per row
+    chunk) unless `accum_dtype=torch.float32` (V*H*4 more bytes, one rounding in all).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+from ._backend import use_triton
+from ._checks import FLOAT_DTYPES, INT_DTYPES, check_mask, check_shape, check_tensor
+from .policy_loss import clipped_policy_loss
+from .reference import PolicyLossOutput, compute_dtype
+
+#: Target size of one chunk of logits, in elements (64 MiB in fp32, 32 MiB in bf16). Large enough
+#: for the chunk matmuls to run at full cuBLAS speed, small next to any Janus-sized logits tensor.
+CHUNK_ELEMENTS = 1 << 24
+#: A chunk never takes more than this share of the free memory of its device.
+FREE_MEMORY_SHARE = 1 / 16
+#: Fewer rows than this makes the matmuls skinny; the vocabulary is split instead.
+MIN_CHUNK_ROWS = 16
+#: On a GPU each chunk matmul streams the whole [V, H] weight: it takes ~rows FLOP per byte, and
+#: H100-class tensor cores need a few hundred, so CUDA chunks get at least this many rows.
+CUDA_MIN_CHUNK_ROWS = 512
+#: On CUDA a large batch may use chunks up to 1/CUDA_BATCH_SHARE of its whole logits (and at most
+#: CUDA_MAX_CHUNK_ELEMENTS): fewer chunks means fewer read-modify-writes of the [V, H] grad_weight.
+CUDA_BATCH_SHARE = 16
+CUDA_MAX_CHUNK_ELEMENTS = 1 << 26
+#: The fused loss computes each chunk's logits once (gradients folded into the forward pass) when
+#: chunks can hold whole sequences: one sequence's logits, T * (V + H) elements, may take up to this.
+SINGLE_PASS_MAX_ELEMENTS = 1 << 26
+#: CPU path, low-precision inputs: the fp32 softmax work runs on row blocks of about this many
+#: elements, so the fp32 temporary stays small next to the chunk buffer.
+CPU_FP32_BLOCK_ELEMENTS = 1 << 21
+ROW_ALIGN = 16
+VOCAB_ALIGN = 256
+MAX_BLOCK_V = 4096
+
+
+# ============================================================================ Triton kernels
+@triton.jit
+def _load_scaled_logits(base, bias_ptr, cols, valid, inv_temp, HAS_BIAS: tl.constexpr):
+    z = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    return z * inv_temp
+
+
+@triton.jit
+def _chunk_stats_kernel(
+    logits_ptr, stride_row, bias_ptr, targets_ptr, v_start, n_cols,
+    max_ptr, sum_ptr, tgt_ptr, ent_ptr, inv_temp,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Folds one chunk of raw logits x (columns v_start .. v_start + n_cols) into per-row
+    running statistics of z = (x + b) / temperature:
+        max_i = max_j z_ij,  sum_i = sum_j e^(z_ij - max_i),  tgt_i += z_i,target (if in chunk),
+        ent_i = sum_j e^(z_ij - max_i) (z_ij - max_i)            (unnormalised, for the entropy)
+    so that lse = max + log(sum) and entropy = log(sum) - ent / sum once every chunk is folded."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    bias_base = bias_ptr + v_start
+    target = tl.load(targets_ptr + row) - v_start
+    m = tl.load(max_ptr + row)
+    s = tl.load(sum_ptr + row)
+    e_acc = tl.load(ent_ptr + row)
+    t_acc = tl.load(tgt_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        valid = cols < n_cols
+        z = _load_scaled_logits(base, bias_base, cols, valid, inv_temp, HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(tl.where(valid, z, float("-inf")), axis=0))
+        alpha = tl.exp(m - m_new)  # 0 while m is still -inf
+        zc = tl.where(valid, z - m_new, 0.0)
+        e = tl.where(valid, tl.exp(zc), 0.0)
+        if WITH_ENTROPY:
+            # re-centre the running sum of e * (z - m) on the new max: sum e'(z - m') = alpha (E + s (m - m'))
+            e_acc = alpha * (e_acc + s * tl.where(s > 0, m - m_new, 0.0)) + tl.sum(e * zc, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        t_acc += tl.sum(tl.where((cols == target) & valid, z, 0.0), axis=0)
+        m = m_new
+    tl.store(max_ptr + row, m)
+    tl.store(sum_ptr + row, s)
+    tl.store(tgt_ptr + row, t_acc)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + row, e_acc)
+
+
+@triton.jit
+def _chunk_dlogits_kernel(
+    logits_ptr, stride_row, bias_ptr, targets_ptr, v_start, n_cols,
+    lse_ptr, g_logp_ptr, g_ent_ptr, ent_ptr, inv_temp,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Overwrites a chunk of raw logits x with d loss / d x, where z = (x + b) / temperature,
+    p = softmax(z), g = d loss / d logp, g_H = d loss / d entropy, H = entropy:
+        d loss / d z_j = g (1[j = target] - p_j) - g_H p_j (log p_j + H)
+        d loss / d x_j = (d loss / d z_j) / temperature"""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    bias_base = bias_ptr + v_start
+    target = tl.load(targets_ptr + row) - v_start
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_logp_ptr + row)
+    if WITH_ENTROPY:
+        g_h = tl.load(g_ent_ptr + row)
+        h = tl.load(ent_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        valid = cols < n_cols
+        log_p = _load_scaled_logits(base, bias_base, cols, valid, inv_temp, HAS_BIAS) - lse
+        p = tl.exp(log_p)
+        dz = tl.where((cols == target) & valid, g, 0.0) - g * p
+        if WITH_ENTROPY:
+            dz -= g_h * p * (log_p + h)
+        tl.store(base + cols, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+def _block_v(n_cols: int) -> int:
+    return min(MAX_BLOCK_V, triton.next_power_of_2(max(n_cols, 16)))
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+# ============================================================================ per-chunk steps
+class _Chunk:
+    """Everything the per-chunk softmax steps need: which rows, which columns, the logits."""
+
+    __slots__ = ("bias", "inv_temp", "logits", "targets", "v0")
+
+    def __init__(self, logits, targets, bias, v0, inv_temp):
+        self.logits, self.targets, self.bias, self.v0, self.inv_temp = logits, targets, bias, v0, inv_temp
+
+
+def _stats_triton(c: _Chunk, mx, sm, tgt, ent, with_entropy: bool, preserve: bool = False) -> None:
+    rows, n_cols = c.logits.shape
+    block = _block_v(n_cols)
+    bias = c.bias if c.bias is not None else c.logits
+    _chunk_stats_kernel[(rows,)](
+        c.logits, c.logits.stride(0), bias, c.targets, c.v0, n_cols, mx, sm, tgt, ent, c.inv_temp,
+        HAS_BIAS=c.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+
+
+def _scaled_logits_torch(c: _Chunk, dt: torch.dtype, preserve: bool = False) -> torch.Tensor:
+    """z = (x + b) / temperature in the compute dtype, in place when x already is (no new buffer)
+    unless `preserve` asks to keep the chunk's logits."""
+    z = c.logits if c.logits.dtype == dt and not preserve else c.logits.to(dt, copy=True)
+    if c.bias is not None:
+        z.add_(c.bias[c.v0:c.v0 + z.shape[1]].to(dt))
+    if c.inv_temp != 1.0:
+        z.mul_(c.inv_temp)
+    return z
+
+
+def _row_blocks(c: _Chunk, dt: torch.dtype, copy: bool = False):
+    """Row blocks of a chunk for the torch path: the whole chunk when it is already in the compute
+    dtype (everything happens in place), else blocks small enough for their fp32 copy."""
+    rows, n_cols = c.logits.shape
+    step = rows if c.logits.dtype == dt and not copy else max(1, CPU_FP32_BLOCK_ELEMENTS // n_cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield slice(r0, r1), _Chunk(c.logits[r0:r1], c.targets[r0:r1], c.bias, c.v0, c.inv_temp)
+
+
+def _stats_torch(c: _Chunk, mx, sm, tgt, ent, with_entropy: bool, preserve: bool = False) -> None:
+    for rs, block in _row_blocks(c, mx.dtype, copy=preserve):
+        _stats_torch_block(block, mx[rs], sm[rs], tgt[rs], ent[rs], with_entropy, preserve)
+
+
+def _stats_torch_block(c: _Chunk, mx, sm, tgt, ent, with_entropy: bool, preserve: bool) -> None:
+    dt = mx.dtype
+    z = _scaled_logits_torch(c, dt, preserve)
+    n_cols = z.shape[1]
+    local = c.targets - c.v0
+    inside = (local >= 0) & (local < n_cols)
+    tgt.add_(torch.where(inside, z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0], 0.0))
+    m_new = torch.maximum(mx, z.amax(1))
+    alpha = torch.exp(mx - m_new)
+    z.sub_(m_new[:, None])  # z - m'
+    if with_entropy:
+        e = torch.exp(z)
+        chunk_ent = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0]
+        shift = torch.where(sm > 0, sm * (mx - m_new), 0.0)
+        ent.copy_(alpha * (ent + shift) + chunk_ent)
+        chunk_sum = e.sum(1)
+        del e
+    else:
+        chunk_sum = z.exp_().sum(1)
+    sm.mul_(alpha).add_(chunk_sum)
+    mx.copy_(m_new)
+
+
+def _dlogits_triton(c: _Chunk, lse, g, g_ent, ent) -> None:
+    rows, n_cols = c.logits.shape
+    block = _block_v(n_cols)
+    bias = c.bias if c.bias is not None else c.logits
+    with_entropy = g_ent is not None
+    _chunk_dlogits_kernel[(rows,)](
+        c.logits, c.logits.stride(0), bias, c.targets, c.v0, n_cols, lse, g,
+        g_ent if with_entropy else g, ent if with_entropy else g, c.inv_temp,
+        HAS_BIAS=c.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+
+
+def _dlogits_torch(c: _Chunk, lse, g, g_ent, ent) -> None:
+    """Same math as `_chunk_dlogits_kernel`, in place on the chunk buffer."""
+    for rs, block in _row_blocks(c, lse.dtype):
+        _dlogits_torch_block(block, lse[rs], g[rs], None if g_ent is None else g_ent[rs],
+                             None if ent is None else ent[rs])
+
+
+def _dlogits_torch_block(c: _Chunk, lse, g, g_ent, ent) -> None:
+    dt = lse.dtype
+    z = _scaled_logits_torch(c, dt)
+    n_cols = z.shape[1]
+    z.sub_(lse[:, None])  # log p
+    if g_ent is None:
+        dz = z.exp_().mul_(-g[:, None])  # -g p
+    else:
+        p = torch.exp(z)
+        dz = z.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g[:, None]).mul_(p).neg_()  # -p (g + g_H (log p + H))
+        del p
+    local = c.targets - c.v0
+    inside = (local >= 0) & (local < n_cols)
+    dz.scatter_add_(1, local.clamp(0, n_cols - 1)[:, None], torch.where(inside, g, 0.0)[:, None])
+    if c.inv_temp != 1.0:
+        dz.mul_(c.inv_temp)
+    if dz is not c.logits:
+        c.logits.copy_(dz)
+
+
+# ============================================================================ chunk loop
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def chunk_shape(n_rows: int, vocab: int, hidden_dim: int, device: torch.device, *,
+                chunk_size: int | None = None, vocab_chunk_size: int | None = None) -> tuple[int, int]:
+    """(rows, vocab columns) of one chunk of logits.
+
+    A chunk holds about CHUNK_ELEMENTS values counting the logits chunk [rows, vocab] and the
+    per-chunk hidden and gradient rows [rows, H], and never more than FREE_MEMORY_SHARE of the
+    device's free memory (4 bytes per element); on CUDA at least CUDA_MIN_CHUNK_ROWS rows
+    when free memory allows. The vocabulary is split only when even
+    MIN_CHUNK_ROWS full-vocabulary rows would not fit; `chunk_size` / `vocab_chunk_size` override.
+    """
+    budget = CHUNK_ELEMENTS
+    if device.type == "cuda":
+        budget = max(budget, CUDA_MIN_CHUNK_ROWS * (vocab + hidden_dim),
+                     min(n_rows * vocab // CUDA_BATCH_SHARE, CUDA_MAX_CHUNK_ELEMENTS))
+    budget = min(budget, int(_free_bytes(device) * FREE_MEMORY_SHARE) // 4)
+    budget = max(budget, MIN_CHUNK_ROWS * (VOCAB_ALIGN + hidden_dim))
+    if vocab_chunk_size is not None:
+        cols = min(vocab, vocab_chunk_size)
+    elif MIN_CHUNK_ROWS * (vocab + hidden_dim) <= budget:
+        cols = vocab
+    else:
+        cols = max(VOCAB_ALIGN, (budget // MIN_CHUNK_ROWS - hidden_dim) // VOCAB_ALIGN * VOCAB_ALIGN)
+        cols = min(cols, vocab)
+    if chunk_size is not None:
+        rows = chunk_size
+    else:
+        rows = max(MIN_CHUNK_ROWS, budget // (cols + hidden_dim) // ROW_ALIGN * ROW_ALIGN)
+    return max(1, min(rows, n_rows)), max(1, cols)
+
+
+def _row_chunks(n_rows: int, rows: int, row_index: torch.Tensor | None):
+    """Yields (slice or index tensor, number of rows): contiguous slices unless rows are gathered."""
+    for r0 in range(0, n_rows, rows):
+        r1 = min(n_rows, r0 + rows)
+        yield (slice(r0, r1) if row_index is None else row_index[r0:r1]), r1 - r0
+
+
+def _take(x: torch.Tensor, sel) -> torch.Tensor:
+    return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
+
+
+def _valid_rows(row_mask: torch.Tensor | None, n_rows: int) -> tuple[torch.Tensor | None, int]:
+    """Indices of the rows to compute (None: all of them) and their count. One host sync."""
+    if row_mask is None:
+        return None, n_rows
+    index = row_mask.reshape(-1).nonzero().squeeze(1)
+    if index.numel() == n_rows:
+        return None, n_rows
+    return index, index.numel()
+
+
+def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+    if targets.numel() == 0:
+        return
+    lo, hi = int(targets.min()), int(targets.max())  # one host sync: a bad id must fail loudly, not read OOB
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"targets: expected token ids in [0, {vocab}) (weight has {vocab} rows), got {bad}")
+
+
+def _stat_dtype(x: torch.Tensor, triton_path: bool) -> torch.dtype:
+    return torch.float32 if triton_path else compute_dtype(x.dtype)
+
+
+def _forward_impl(hidden, weight, targets, bias, row_mask, temperature, return_entropy, chunk_size,
+                  vocab_chunk_size):
+    n_rows, hidden_dim = hidden.shape
+    vocab = weight.shape[0]
+    out_dt = compute_dtype(hidden.dtype)
+    fast = use_triton(hidden)
+    dt = _stat_dtype(hidden, fast)
+    row_index, n_valid = _valid_rows(row_mask, n_rows)
+    tg = targets if row_index is None else targets.index_select(0, row_index)
+    _check_targets(tg, vocab)
+    tg = tg.to(torch.int64)
+    lse = torch.zeros(n_rows, dtype=dt, device=hidden.device)
+    logp = torch.zeros(n_rows, dtype=out_dt, device=hidden.device)
+    entropy = torch.zeros(n_rows if return_entropy else 0, dtype=out_dt, device=hidden.device)
+    if n_valid == 0:
+        return logp, entropy, lse
+    rows, cols = chunk_shape(n_valid, vocab, hidden_dim, hidden.device, chunk_size=chunk_size or None,
+                             vocab_chunk_size=vocab_chunk_size or None)
+    buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+    inv_temp = 1.0 / temperature
+    stats_step = _stats_triton if fast else _stats_torch
+    for k, (sel, m) in enumerate(_row_chunks(n_valid, rows, row_index)):
+        h = _take(hidden, sel)
+        t = tg[k * rows:k * rows + m]
+        mx = torch.full((m,), float("-inf"), dtype=dt, device=hidden.device)
+        sm = torch.zeros(m, dtype=dt, device=hidden.device)
+        tgt = torch.zeros(m, dtype=dt, device=hidden.device)
+        ent = torch.zeros(m, dtype=dt, device=hidden.device)
+        for v0 in range(0, vocab, cols):
+            n = min(cols, vocab - v0)
+            logits = buf[:m * n].view(m, n)
+            torch.mm(h, weight[v0:v0 + n].t(), out=logits)
+            stats_step(_Chunk(logits, t, bias, v0, inv_temp), mx, sm, tgt, ent, return_entropy)
+        row_lse = mx + torch.log(sm)
+        if row_index is None:
+            lse[sel] = row_lse
+            logp[sel] = (tgt - row_lse).to(out_dt)
+            if return_entropy:
+                entropy[sel] = (torch.log(sm) - ent / sm).to(out_dt)
+        else:
+            lse.index_copy_(0, sel, row_lse)
+            logp.index_copy_(0, sel, (tgt - row_lse).to(out_dt))
+            if return_entropy:
+                entropy.index_copy_(0, sel, (torch.log(sm) - ent / sm).to(out_dt))
+    return logp, entropy, lse
+
+
+def _backward_impl(grad_logp, grad_entropy, hidden, weight, targets, bias, row_mask, lse, entropy,
+                   temperature, chunk_size, vocab_chunk_size, accum_fp32, need_hidden, need_weight, need_bias):
+    n_rows, hidden_dim = hidden.shape
+    vocab = weight.shape[0]
+    fast = use_triton(hidden)
+    dt = lse.dtype
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+    # fp32 accumulation of grad_weight over row chunks costs V*H*4 bytes; otherwise it is
+    # accumulated in the weight's dtype (one rounding per row chunk, as Liger's default)
+    accum_fp32 = accum_fp32 and need_weight and weight.dtype not in (torch.float32, torch.float64)
+    grad_weight_acc = torch.zeros_like(weight, dtype=torch.float32) if accum_fp32 else grad_weight
+    grad_bias_acc = torch.zeros(vocab, dtype=dt, device=hidden.device) if need_bias else None
+    row_index, n_valid = _valid_rows(row_mask, n_rows)
+    if n_valid == 0 or not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, (grad_bias_acc.to(bias.dtype) if need_bias else hidden.new_empty(0))
+    tg = (targets if row_index is None else targets.index_select(0, row_index)).to(torch.int64)
+    rows, cols = chunk_shape(n_valid, vocab, hidden_dim, hidden.device, chunk_size=chunk_size or None,
+                             vocab_chunk_size=vocab_chunk_size or None)
+    buf = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+    split_vocab = cols < vocab
+    gh_acc = None
+    direct = row_index is None and not split_vocab  # grad rows written straight into grad_hidden
+    if need_hidden and not direct:
+        gh_acc = torch.empty(rows, hidden_dim, dtype=dt if split_vocab else hidden.dtype, device=hidden.device)
+    inv_temp = 1.0 / temperature
+    dlogits_step = _dlogits_triton if fast else _dlogits_torch
+    with_entropy = grad_entropy is not None
+    for k, (sel, m) in enumerate(_row_chunks(n_valid, rows, row_index)):
+        h = _take(hidden, sel)
+        t = tg[k * rows:k * rows + m]
+        row_lse = _take(lse, sel).contiguous()
+        g = _take(grad_logp, sel).to(dt).contiguous()
+        g_ent = _take(grad_entropy, sel).to(dt).contiguous() if with_entropy else None
+        h_ent = _take(entropy, sel).to(dt).contiguous() if with_entropy else None
+        gh = None
+        if need_hidden:
+            gh = grad_hidden[sel] if direct else gh_acc[:m]
+            if split_vocab:
+                gh.zero_()
+        for v0 in range(0, vocab, cols):
+            n = min(cols, vocab - v0)
+            w = weight[v0:v0 + n]
+            dlogits = buf[:m * n].view(m, n)
+            torch.mm(h, w.t(), out=dlogits)
+            dlogits_step(_Chunk(dlogits, t, bias, v0, inv_temp), row_lse, g, g_ent, h_ent)
+            if need_hidden:
+                if split_vocab:
+                    gh.add_(torch.mm(dlogits, w).to(dt))
+                else:
+                    torch.mm(dlogits, w, out=gh)
+            if accum_fp32:  # slabs of VOCAB_ALIGN*4 rows keep the low-precision temporary small
+                for s0 in range(0, n, 4 * VOCAB_ALIGN):
+                    s1 = min(n, s0 + 4 * VOCAB_ALIGN)
+                    grad_weight_acc[v0 + s0:v0 + s1] += torch.mm(dlogits[:, s0:s1].t(), h)
+            elif need_weight:
+                grad_weight[v0:v0 + n].addmm_(dlogits.t(), h)
+            if need_bias:
+                grad_bias_acc[v0:v0 + n] += dlogits.sum(0, dtype=dt)
+        if need_hidden and not direct:
+            if row_index is None:
+                grad_hidden[sel] = gh.to(hidden.dtype)
+            else:
+                grad_hidden.index_copy_(0, sel, gh.to(hidden.dtype))
+    grad_bias = grad_bias_acc.to(bias.dtype) if need_bias else hidden.new_empty(0)
+    if accum_fp32:
+        grad_weight.copy_(grad_weight_acc)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ============================================================================ torch.library ops
+@torch.library.custom_op("pairuni::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: torch.Tensor | None, row_mask: torch.Tensor | None, temperature: float,
+                        return_entropy: bool, chunk_size: int, vocab_chunk_size: int, accum_fp32: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [M], entropy [M] or [0], lse [M] fp32/fp64); rows where row_mask is 0 are skipped (logp 0).
+    `accum_fp32` is only read by backward (grad_weight accumulation dtype)."""
+    return _forward_impl(hidden, weight, targets, bias, row_mask, temperature, return_entropy, chunk_size,
+                         vocab_chunk_size)
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, targets, bias, row_mask, temperature, return_entropy, chunk_size, vocab_chunk_size,
+      accum_fp32):
+    n = hidden.shape[0]
+    out_dt = compute_dtype(hidden.dtype)
+    lse_dt = torch.float32 if use_triton(hidden) else out_dt
+    return (hidden.new_empty(n, dtype=out_dt), hidden.new_empty(n if return_entropy else 0, dtype=out_dt),
+            hidden.new_empty(n, dtype=lse_dt))
+
+
+@torch.library.custom_op("pairuni::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+                        weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
+                        row_mask: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor | None,
+                        temperature: float, chunk_size: int, vocab_chunk_size: int, accum_fp32: bool,
+                        need_hidden: bool,
+                        need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); a gradient that is not needed comes back empty."""
+    return _backward_impl(grad_logp, grad_entropy, hidden, weight, targets, bias, row_mask, lse, entropy,
+                          temperature, chunk_size, vocab_chunk_size, accum_fp32, need_hidden, need_weight,
+                          need_bias)
+
+
+@linear_logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, targets, bias, row_mask, lse, entropy, temperature, chunk_size,
+      vocab_chunk_size, accum_fp32, need_hidden, need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, targets, bias, row_mask, temperature, return_entropy, chunk_size, vocab_chunk_size,
+     accum_fp32) = inputs
+    _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, targets, bias, row_mask, lse, entropy if return_entropy else None)
+    ctx.temperature, ctx.chunk_size, ctx.vocab_chunk_size = temperature, chunk_size, vocab_chunk_size
+    ctx.accum_fp32 = accum_fp32
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, targets, bias, row_mask, lse, entropy = ctx.saved_tensors
+    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    need_bias = bool(need_bias) and bias is not None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if entropy is None:
+        grad_entropy = None
+    elif grad_entropy is None:
+        entropy = None
+    gh, gw, gb = linear_logprobs_bwd(
+        grad_logp, grad_entropy, hidden, weight, targets, bias, row_mask, lse, entropy, ctx.temperature,
+        ctx.chunk_size, ctx.vocab_chunk_size, ctx.accum_fp32, bool(need_hidden), bool(need_weight), need_bias)
+    return (gh if need_hidden else None, gw if need_weight else None, None, gb if need_bias else None,
+            None, None, None, None, None, None)
+
+
+linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ============================================================================ fused loss, one pass
+def _policy_loss_terms(lp, old, adv, valid, ref_lp, *, epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator,
+                       loss_agg_mode, importance_sampling_level, n_rows, total_count, n_nonempty):
+    """The clipped loss of `reference.clipped_policy_loss` on a block of whole rows, in closed form.
+
+    `n_rows`, `total_count` (unmasked tokens) and `n_nonempty` (rows with a token) are those of the
+    whole batch, so that the block's contributions add up to the batch's loss. Returns
+    (loss part, clipped count, kl sum, ratio sum, d loss / d lp). The gradient is written out
+    because this runs inside a torch.library op, where autograd does not record.
+    """
+    dt = lp.dtype
+    m = valid.to(dt)
+    lp = torch.where(valid, lp, 0.0)
+    old = torch.where(valid, old.to(dt), 0.0)
+    adv = adv.to(dt)
+    adv = torch.where(valid, adv[:, None] if adv.dim() == 1 else adv, 0.0)
+    raw = lp - old
+    inside = ((raw >= -ref.LOG_RATIO_CLAMP) & (raw <= ref.LOG_RATIO_CLAMP)).to(dt)  # clamp passes the gradient
+    log_ratio = raw.clamp(-ref.LOG_RATIO_CLAMP, ref.LOG_RATIO_CLAMP)
+    count = m.sum(-1)
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * m).sum(-1) / count.clamp(min=1))[:, None].expand_as(lp)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    clipped = pg_clipped > pg_unclipped
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    dpg = torch.where(clipped, 0.0, pg_unclipped)  # d pg / d log_ratio: -A r unless a clip bound is active
+    if dual_clip_c is not None:
+        bound = -adv * dual_clip_c
+        dual = (adv < 0) & (pg > bound)
+        pg = torch.where(dual, bound, pg)
+        dpg = torch.where(dual, 0.0, dpg)
+        clipped = clipped | dual
+    if loss_agg_mode == "token-mean":
+        w = m / max(total_count, 1)
+    elif loss_agg_mode == "seq-mean-token-mean":
+        w = m / count.clamp(min=1)[:, None] / max(n_nonempty, 1)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        w = m / n_rows
+    else:  # "seq-mean-token-sum-norm"
+        w = m / lp.shape[1]
+    if importance_sampling_level == "sequence":  # d row log-ratio / d lp_j = m_j [inside] / count
+        dlp = ((w * dpg).sum(-1) / count.clamp(min=1))[:, None] * m * inside
+    else:
+        dlp = w * dpg * inside
+    tok = pg
+    kl_sum = lp.new_zeros(())
+    if ref_lp is not None:
+        r = torch.where(valid, ref_lp.to(dt), 0.0)
+        kl_tok = ref.kl_penalty(lp, r, kl_estimator)
+        kl_sum = (kl_tok * m).sum()
+        if beta > 0:
+            tok = tok + beta * kl_tok
+            if kl_estimator == "k1":
+                dkl = torch.ones_like(lp)
+            elif kl_estimator == "k2":
+                dkl = lp - r
+            else:  # k3 = e^d - d - 1, d = clamp(ref - lp): d k3 / d lp = (1 - e^d) inside the clamp
+                d_raw = r - lp
+                d = d_raw.clamp(-ref.LOG_RATIO_CLAMP, ref.LOG_RATIO_CLAMP)
+                dkl = (1.0 - torch.exp(d)) * ((d_raw >= -ref.LOG_RATIO_CLAMP) & (d_raw <= ref.LOG_RATIO_CLAMP))
+            dlp = dlp + w * beta * dkl
+    return (tok * w).sum(), (clipped & valid).sum().to(dt), kl_sum, (ratio * m).sum(), dlp
+
+
+def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature,
+                     epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
+                     importance_sampling_level, chunk_size, accum_fp32, need_hidden, need_weight, need_bias):
+    """One pass over chunks of whole sequences: logits once, logp, the loss and its gradient in
+    d logp, then d logits in place and the three gradients. hidden: [N*T, H], targets: [N*T]."""
+    n, t = mask.shape
+    n_tok, hidden_dim = hidden.shape
+    vocab = weight.shape[0]
+    out_dt = compute_dtype(hidden.dtype)
+    fast = use_triton(hidden)
+    dt = _stat_dtype(hidden, fast)
+    dev = hidden.device
+    valid = mask != 0
+    counts = valid.sum(-1)
+    count_list = counts.tolist()  # one host sync: chunk boundaries and normalisers
+    total_count, n_nonempty = sum(count_list), sum(c > 0 for c in count_list)
+    row_index, _ = _valid_rows(valid.reshape(n_tok), n_tok)
+    starts = [0]
+    for c in count_list:
+        starts.append(starts[-1] + (c if row_index is not None else t))
+    tg = targets if row_index is None else targets.index_select(0, row_index)
+    _check_targets(tg, vocab)
+    tg = tg.to(torch.int64)
+
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+    accum_fp32 = accum_fp32 and need_weight and weight.dtype not in (torch.float32, torch.float64)
+    grad_weight_acc = torch.zeros_like(weight, dtype=torch.float32) if accum_fp32 else grad_weight
+    grad_bias_acc = torch.zeros(vocab, dtype=dt, device=dev) if need_bias else None
+    sums = torch.zeros(4, dtype=out_dt, device=dev)  # loss, clipped, kl, ratio
+    rows, _ = chunk_shape(n_tok, vocab, hidden_dim, dev, chunk_size=chunk_size or None)
+    seqs = max(1, rows // t)
+    buf = torch.empty(min(n_tok, seqs * t) * vocab, dtype=hidden.dtype, device=dev) if total_count else None
+    inv_temp = 1.0 / temperature
+    stats_step = _stats_triton if fast else _stats_torch
+    dlogits_step = _dlogits_triton if fast else _dlogits_torch
+    knobs = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "dual_clip_c": dual_clip_c, "beta": beta,
+                 "kl_estimator": kl_estimator, "loss_agg_mode": loss_agg_mode,
+                 "importance_sampling_level": importance_sampling_level, "n_rows": n, "total_count": total_count,
+                 "n_nonempty": n_nonempty}
+    for s0 in range(0, n, seqs):
+        s1 = min(n, s0 + seqs)
+        r0, r1 = starts[s0], starts[s1]
+        m = r1 - r0
+        if m == 0:
+            continue
+        sel = slice(r0, r1) if row_index is None else row_index[r0:r1]
+        pos = None if row_index is None else sel - s0 * t  # token positions inside the block [s1 - s0, T]
+        h = _take(hidden, sel)
+        tk = tg[r0:r1]
+        logits = buf[:m * vocab].view(m, vocab)
+        torch.mm(h, weight.t(), out=logits)
+        mx = torch.full((m,), float("-inf"), dtype=dt, device=dev)
+        sm = torch.zeros(m, dtype=dt, device=dev)
+        tgt = torch.zeros(m, dtype=dt, device=dev)
+        chunk = _Chunk(logits, tk, bias, 0, inv_temp)
+        stats_step(chunk, mx, sm, tgt, tgt, False, preserve=True)  # the logits are reused for the gradient
+        lse = mx + torch.log(sm)
+        logp_rows = tgt - lse
+        lp = logp_rows.to(out_dt) if pos is None else torch.zeros(
+            (s1 - s0) * t, dtype=out_dt, device=dev).index_copy_(0, pos, logp_rows.to(out_dt))
+        loss, clip, kl, ratio, dlp = _policy_loss_terms(
+            lp.view(s1 - s0, t), old_logp[s0:s1], advantages[s0:s1], valid[s0:s1],
+            None if ref_logp is None else ref_logp[s0:s1], **knobs)
+        sums += torch.stack([loss, clip, kl, ratio]).to(out_dt)
+        if not (need_hidden or need_weight or need_bias):
+            continue
+        g = dlp.reshape(-1) if pos is None else dlp.reshape(-1).index_select(0, pos)
+        dlogits_step(chunk, lse, g.to(dt).contiguous(), None, None)
+        if need_hidden:
+            if row_index is None:
+                torch.mm(logits, weight, out=grad_hidden[sel])
+            else:
+                grad_hidden.index_copy_(0, sel, torch.mm(logits, weight))
+        if accum_fp32:
+            for v0 in range(0, vocab, 4 * VOCAB_ALIGN):
+                v1 = min(vocab, v0 + 4 * VOCAB_ALIGN)
+                grad_weight_acc[v0:v1] += torch.mm(logits[:, v0:v1].t(), h)
+        elif need_weight:
+            grad_weight.addmm_(logits.t(), h)
+        if need_bias:
+            grad_bias_acc += logits.sum(0, dtype=dt)
+    if accum_fp32:
+        grad_weight.copy_(grad_weight_acc)
+    grad_bias = grad_bias_acc.to(bias.dtype) if need_bias else hidden.new_empty(0)
+    denom = max(total_count, 1)
+    return (sums[0], sums[1] / denom, sums[2] / denom, sums[3] / denom, grad_hidden, grad_weight, grad_bias)
+
+
+@torch.library.custom_op("pairuni::fused_linear_policy_loss_fwd", mutates_args=())
+def fused_linear_policy_loss_fwd(
+        hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
+        old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None,
+        temperature: float, epsilon_low: float, epsilon_high: float, dual_clip_c: float | None, beta: float,
+        kl_estimator: str, loss_agg_mode: str, importance_sampling_level: str, chunk_size: int, accum_fp32: bool,
+        need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, clip_fraction, kl, ratio_mean, grad_hidden, grad_weight, grad_bias); the gradients are
+    those of `loss` (empty when not needed), computed in this same pass."""
+    return _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature,
+                            epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
+                            importance_sampling_level, chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
+
+
+@fused_linear_policy_loss_fwd.register_fake
+def _(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature, epsilon_low, epsilon_high,
+      dual_clip_c, beta, kl_estimator, loss_agg_mode, importance_sampling_level, chunk_size, accum_fp32,
+      need_hidden, need_weight, need_bias):
+    dt = compute_dtype(hidden.dtype)
+    scalars = [hidden.new_empty((), dtype=dt) for _ in range(4)]
+    return (*scalars, torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    # the stored gradients are outputs of the op: without this the engine would hand backward a
+    # zero tensor of each of their shapes (a [V, H] allocation for nothing)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*output[4:])
+    ctx.has_bias = inputs[3] is not None
+
+
+def _fused_backward(ctx, grad_loss, *_):
+    gh, gw, gb = ctx.saved_tensors
+    if grad_loss is None:  # only the metrics were used
+        return (None,) * 21
+    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    # the stored gradients are d loss / d input: chain with the incoming scalar in place, since a
+    # scaled copy would hold a second [V, H] gradient (a retain_graph second backward then fails
+    # the saved-tensor version check instead of scaling twice)
+    return (gh.mul_(grad_loss.to(gh.dtype)) if need_hidden else None,
+            gw.mul_(grad_loss.to(gw.dtype)) if need_weight else None, None,
+            gb.mul_(grad_loss.to(gb.dtype)) if need_bias and ctx.has_bias else None) + (None,) * 17
+
+
+fused_linear_policy_loss_fwd.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ============================================================================ fronts
+def _check_head(hidden, weight, bias, temperature, chunk_size, vocab_chunk_size, accum_dtype,
+                hidden_name="hidden"):
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected the dtype of {hidden_name} ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] with V > 0 "
+                         f"(H from {hidden_name}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+        check_shape("bias", bias, (weight.shape[0],))
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name}: expected None or an int > 0, got {value!r}")
+    if accum_dtype not in (None, weight.dtype, torch.float32):
+        raise ValueError(f"accum_dtype: expected None, torch.float32 or {weight.dtype}, got {accum_dtype!r}")
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                    chunk_size: int | None = None, vocab_chunk_size: int | None = None,
+                    accum_dtype: torch.dtype | None = None):
+    """Log-probability of `targets` under a linear head, chunk by chunk (no [M, V] logits).
+
+    Args:
+        hidden:  [M, H] float (fp32/bf16/fp16/fp64); differentiable.
+        weight:  [V, H], same dtype as hidden (an lm_head / gen_head weight); differentiable.
+        targets: [M] int, token ids in [0, V).
+        bias:    [V] float or None; differentiable.
+        temperature: logits are divided by it (> 0).
+        return_entropy: also return the entropy of each row's distribution (differentiable).
+        chunk_size: rows per chunk (default: from H, V and free memory, see `chunk_shape`).
+        vocab_chunk_size: vocabulary columns per chunk (default: the whole vocabulary unless
+            even MIN_CHUNK_ROWS rows would not fit the chunk budget; then an online log-sum-exp).
+        accum_dtype: dtype grad_weight is accumulated in over row chunks: None (the weight's dtype;
+            a bf16 weight gets one bf16 rounding per row chunk) or torch.float32 (V*H*4 bytes more).
+    Returns:
+        logp [M] in float32 (float64 for float64 inputs), or (logp, entropy) with return_entropy.
+    Raises:
+        ValueError naming the argument for a bad shape, dtype, device, temperature or token id.
+
+    Example:
+        >>> logp = linear_logprobs(h, model.lm_head.weight, tokens, temperature=1.0)
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    _check_head(hidden, weight, bias, temperature, chunk_size, vocab_chunk_size, accum_dtype)
+    check_tensor("targets", targets, ndim=1, dtypes=INT_DTYPES, device=hidden.device)
+    check_shape("targets", targets, (hidden.shape[0],))
+    logp, entropy, _ = linear_logprobs_fwd(hidden, weight, targets, bias, None, float(temperature),
+                                           bool(return_entropy), chunk_size or 0, vocab_chunk_size or 0,
+                                           accum_dtype == torch.float32)
+    return (logp, entropy) if return_entropy else logp
+
+
+def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                             bias: torch.Tensor | None = None, temperature: float = 1.0,
+                             ref_logp: torch.Tensor | None = None, epsilon_low: float = 0.2,
+                             epsilon_high: float = 0.2, dual_clip_c: float | None = None, beta: float = 0.0,
+                             kl_estimator: str = "k3", loss_agg_mode: str = "token-mean",
+                             importance_sampling_level: str = "token", chunk_size: int | None = None,
+                             vocab_chunk_size: int | None = None,
+                             accum_dtype: torch.dtype | None = None) -> PolicyLossOutput:
+    """The clipped policy loss of a linear head's token log-probs, without [N*T, V] logits.
+
+    Equals `clipped_policy_loss(linear_logprobs(hidden.flatten(0, 1), weight, targets.flatten(),
+    bias=bias, temperature=temperature).view(N, T), old_logp, advantages, mask, ...)`, except that
+    masked tokens are skipped: their hidden rows and targets are never read (padding ids are fine)
+    and get zero gradient.
+
+    Chunks hold whole sequences when one sequence's logits fit SINGLE_PASS_MAX_ELEMENTS (every
+    Janus shape): then each chunk's logits are computed once, in forward, which also computes the
+    loss's gradients (d loss / d logp in closed form, folded into d logits in place), so the step
+    costs the three matmuls of the unfused path; backward only scales the stored gradients. With
+    longer sequences, or `vocab_chunk_size`, forward keeps only the per-row log-sum-exp and backward
+    recomputes the logits (twice in all).
+
+    Args:
+        hidden:     [N, T, H] float; differentiable.
+        weight:     [V, H], same dtype as hidden; differentiable.
+        targets:    [N, T] int, token ids in [0, V) where mask is set.
+        old_logp, advantages ([N] or [N, T]), mask, ref_logp and the loss knobs: as in
+                    `clipped_policy_loss`.
+        bias, temperature, vocab_chunk_size, accum_dtype: as in `linear_logprobs`.
+        chunk_size: tokens per chunk, rounded down to whole sequences (at least one) on the
+                    one-pass path; default from H, V and free memory.
+    Returns:
+        PolicyLossOutput(loss, clip_fraction, kl, ratio_mean); loss differentiable in hidden,
+        weight and bias.
+    """
+    check_tensor("hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES)
+    n, t, _ = hidden.shape
+    _check_head(hidden, weight, bias, temperature, chunk_size, vocab_chunk_size, accum_dtype)
+    check_tensor("targets", targets, ndim=2, dtypes=INT_DTYPES, device=hidden.device)
+    check_shape("targets", targets, (n, t))
+    check_tensor("old_logp", old_logp, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
+    check_shape("old_logp", old_logp, (n, t))
+    check_mask("mask", mask, (n, t), hidden.device)
+    if n == 0 or t == 0:
+        raise ValueError(f"hidden: expected a non-empty [N, T, H] tensor, got shape {tuple(hidden.shape)}")
+    # old_logp stands in for logp: it was just checked to have logp's shape, device and dtype family
+    ref.validate_policy_loss_inputs(
+        old_logp, old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator,
+        loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level)
+    vocab, hidden_dim = weight.shape
+    if vocab_chunk_size is None and t * (vocab + hidden_dim) <= SINGLE_PASS_MAX_ELEMENTS:
+        grad_on = torch.is_grad_enabled()
+        need = [grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+        loss, clip_fraction, kl, ratio_mean, _, _, _ = fused_linear_policy_loss_fwd(
+            hidden.reshape(n * t, hidden_dim), weight, targets.reshape(n * t), bias, old_logp, advantages, mask,
+            ref_logp, float(temperature), float(epsilon_low), float(epsilon_high),
+            None if dual_clip_c is None else float(dual_clip_c), float(beta), kl_estimator, loss_agg_mode,
+            importance_sampling_level, chunk_size or 0, accum_dtype == torch.float32, *need)
+        return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean)
+    # sequences too long for one chunk (or a vocabulary split asked for): logp chunk by chunk, the
+    # loss on [N, T], then the gradient chunk by chunk in backward (logits computed twice)
+    row_mask = (mask != 0).reshape(n * t)
+    logp, _, _ = linear_logprobs_fwd(hidden.reshape(n * t, hidden.shape[2]), weight, targets.reshape(n * t),
+                                     bias, row_mask, float(temperature), False, chunk_size or 0,
+                                     vocab_chunk_size or 0, accum_dtype == torch.float32)
+    return clipped_policy_loss(
+        logp.view(n, t), old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator,
+        loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level)
