@@ -1,0 +1,188 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a directory `run_dir/checkpoints/step_000123/` holding
+
+    policy.safetensors     the trainable parameters (frozen ones come from the base model)
+    optimizer.safetensors  every tensor of the optimizer state (8-bit states, quantisation maps, ...)
+    state.json             step, the optimizer's non-tensor state, RNG states, data cursor, extras
+
+It is written into a temporary sibling directory and renamed into place, then `latest` (a text
+file naming it) is replaced atomically: a crash leaves the previous checkpoint intact.
+Resuming restores parameters, optimizer state, RNG states and the data cursor, so a run
+interrupted at step k and resumed computes exactly what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+_SEEN: dict[int, set] = {}  # storages already written, per tensors dict being filled
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (tied parameters appear once)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _flatten(prefix: str, entry: dict, tensors: dict, plain: dict) -> None:
+    """Tensors (at any depth, e.g. bitsandbytes' nested quant state) -> `tensors[prefix/key/...]`.
+
+    safetensors refuses aliased tensors (bitsandbytes shares one quantisation map between
+    parameters), so a tensor whose storage was already taken is copied.
+    """
+    seen = _SEEN.setdefault(id(tensors), set())
+    for key, value in entry.items():
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous().cpu()
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[f"{prefix}/{key}"] = t
+        elif isinstance(value, dict):
+            sub: dict = {}
+            _flatten(f"{prefix}/{key}", value, tensors, sub)
+            plain[key] = {"__nested__": sub}
+        else:
+            plain[key] = value
+
+
+def _split_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain = {"param_groups": opt_state["param_groups"], "state": {}}
+    _SEEN[id(tensors)] = set()
+    try:
+        for pid, entry in opt_state["state"].items():
+            plain["state"][str(pid)] = {}
+            _flatten(f"state/{pid}", entry, tensors, plain["state"][str(pid)])
+    finally:
+        del _SEEN[id(tensors)]
+    return tensors, plain
+
+
+def _unflatten(plain: dict) -> dict:
+    return {k: _unflatten(v["__nested__"]) if isinstance(v, dict) and "__nested__" in v else v
+            for k, v in plain.items()}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict = {int(pid): _unflatten(entry) for pid, entry in plain["state"].items()}
+    for key, value in tensors.items():
+        parts = key.split("/")
+        node = state.setdefault(int(parts[1]), {})
+        for part in parts[2:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of every RNG the loop may touch."""
+    py = random.getstate()
+    npy = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    return js, tensors
+
+
+def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = js["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = js["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, extra: dict, *, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "policy.safetensors"))
+        opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
+        rng_js, rng_tensors = rng_state()
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+        with open(tmp / "state.json", "w") as fh:
+            json.dump({"step": step, "optimizer": opt_plain, "rng": rng_js, **extra}, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
+    """Restore parameters, optimizer and RNG states from `path`; returns state.json's content."""
+    path = Path(path)
+    with open(path / "state.json") as fh:
+        state = json.load(fh)
+    params = load_file(str(path / "policy.safetensors"))
+    named = dict(model.named_parameters())
+    missing = [n for n, p in named.items() if p.requires_grad and n not in params]
+    unknown = [n for n in params if n not in named]
+    if missing or unknown:
+        raise ValueError(f"checkpoint {path}: parameters do not match the model "
+                         f"(missing {missing[:3]}, unknown {unknown[:3]}); was it written with other train_modules?")
+    with torch.no_grad():
+        for n, t in params.items():
+            named[n].copy_(t)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("state/")}
+    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
+    set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
+    return state

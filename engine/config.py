@@ -1,0 +1,351 @@
+"""Run configuration: dataclasses with one docstring per field, YAML files, `key=value` overrides.
+
+    cfg = load_config("configs/janus_pro_1b.yaml", ["rollout.group_size=4", "train.steps=10"])
+
+`load_config` checks every value (types, ranges, files that must exist) and raises
+`ConfigError` naming the key before anything heavy (a model, a dataset) is loaded.
+With no file, the defaults are the tiny demo run (`configs/tiny.yaml` holds the same values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .model import DTYPES, TRAINABLE_MODULE_NAMES
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+GENERATION_REWARDS = ("toyworld", "clip", "hpsv2", "pair_qa")
+UNDERSTANDING_REWARDS = ("accuracy",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face directory of a Janus-Pro checkpoint (safetensors). None: the tiny random Janus."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16. Real runs use bfloat16."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 when flash-attn imports, else sdpa) | sdpa | eager | flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward to save activation memory (needed for 7B on one GPU)."""
+    train_modules: list[str] = field(
+        default_factory=lambda: ["language_model", "aligner", "generation_aligner", "generation_head", "lm_head"])
+    """Modules that train; everything else (vision encoder, VQ model, generation embeddings) is frozen."""
+    tiny_seed: int = 0
+    """Initialisation seed of the tiny random Janus (used only when path is None)."""
+    tiny_palette: bool = True
+    """Tiny model only: make its VQ decoder paint each image token as a flat block of a toy-world colour
+    (white + the toy-world colours, repeated), so pixel rewards see what the tokens say. False: random decoder."""
+
+
+@dataclass
+class DataConfig:
+    pairs_path: str | None = None
+    """PairUG JSONL file. None: the bundled toy-world pairs (engine/data/toyworld_default)."""
+    image_root: str | None = None
+    """Directory that relative image paths in the JSONL are resolved against (default: the file's directory)."""
+    pairs_per_step: int = 4
+    """P: UG pairs per PairGRPO step (each gives G answers and G images)."""
+    shuffle: bool = True
+    """Visit pairs in a seeded random order, reshuffled each epoch."""
+    max_pairs: int | None = 8
+    """Use only the first max_pairs pairs of the file (None: all). The tiny demo uses 8."""
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: sampled answers per question and sampled images per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature of understanding answers (0: greedy)."""
+    max_new_tokens: int = 4
+    """Longest understanding answer, in tokens."""
+    cfg_scale: float = 5.0
+    """Classifier-free guidance scale of image generation (Janus-Pro: 5)."""
+    image_temperature: float = 1.0
+    """Sampling temperature of image tokens (0: greedy)."""
+    image_top_k: int = 0
+    """Top-k on guided image logits (0: off, as in the official Janus sampler)."""
+    image_top_p: float = 1.0
+    """Top-p on guided image logits (1: off)."""
+    image_logprob: str = "cond"
+    """Policy log-prob of an image token: cond (conditional branch, as T2I-R1/PairUni) | cfg (guided distribution)."""
+    decode_images: bool = True
+    """Decode image tokens to pixels with the VQ decoder (needed by pixel-based rewards)."""
+    max_batch: int = 0
+    """Most rollouts (rows) sampled at once per task; bounds KV-cache memory (0: all P * G at once)."""
+
+
+@dataclass
+class RewardConfig:
+    understanding: str = "accuracy"
+    """Reward of understanding answers (registry name in engine/rewards.py)."""
+    generation: str = "toyworld"
+    """Reward of generated images: toyworld | clip | hpsv2 | pair_qa."""
+    clip_path: str | None = None
+    """Local directory of a transformers CLIP model (generation=clip)."""
+    hpsv2_path: str | None = None
+    """HPSv2 checkpoint file (generation=hpsv2; needs the `hpsv2` package)."""
+
+
+@dataclass
+class AlgoConfig:
+    epsilon_low: float = 0.2
+    """PPO clip: ratio >= 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """PPO clip: ratio <= 1 + epsilon_high."""
+    beta: float = 0.0
+    """KL coefficient; > 0 loads a frozen reference model (PairUni: 0)."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    mu: int = 2
+    """Inner epochs: optimizer steps on each rollout batch (1 is on-policy GRPO)."""
+    use_pair_weights: bool = True
+    """Multiply both halves' advantages by w_p (1 aligned, sqrt(s) retrieved); False: plain GRPO."""
+    advantage_eps: float = 1e-6
+    """Added to the group std before dividing."""
+    understanding_weight: float = 1.0
+    """Weight of the understanding loss in the summed loss."""
+    generation_weight: float = 1.0
+    """Weight of the generation loss in the summed loss."""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw8bit"
+    """adamw8bit (bitsandbytes; paged on CUDA) | adamw (torch)."""
+    lr: float = 1e-2
+    """Learning rate (PairUni: 1e-6 on Janus-Pro; the tiny random demo model needs 1e-2)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    micro_batch_size: int = 16
+    """Trajectories per forward/backward; gradients accumulate to the full batch."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    """PairGRPO steps to run."""
+    seed: int = 0
+    """Seed of data order, rollouts and everything else."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda | cuda:N."""
+    run_dir: str = "runs/tiny"
+    """Where metrics.jsonl, TensorBoard logs, the reward curve and checkpoints go."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir when there is one (False: start afresh)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    num_threads: int = 0
+    """torch CPU threads (0: leave torch's default)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """PairUG pairs."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of answers and images."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward functions."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """PairGRPO loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, logging, checkpoints."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp` (int -> float allowed); raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _field_types(type(obj))
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in hints:
+            raise ConfigError(f"{full}: unknown key; expected one of {sorted(hints)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=value` -> {"a": {"b": value}}; the value is parsed as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. rollout.group_size=4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, then `validate`. Raises ConfigError."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: no such file {path!r}")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config {path}: invalid YAML: {exc}") from exc
+        _apply(cfg, data)
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, expected: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises ConfigError naming the key. Touches only the file system."""
+    m, d, r, w, a, o, t = cfg.model, cfg.data, cfg.rollout, cfg.reward, cfg.algo, cfg.optim, cfg.train
+    _check(m.path is None or os.path.isdir(m.path), "model.path", "an existing local directory (nothing is downloaded)", m.path)
+    _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
+    _check(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
+           "auto | sdpa | eager | flash_attention_2", m.attn_implementation)
+    bad = [n for n in m.train_modules if n not in TRAINABLE_MODULE_NAMES]
+    _check(not bad, "model.train_modules", f"names from {TRAINABLE_MODULE_NAMES}", m.train_modules)
+    _check(d.pairs_path is None or os.path.isfile(d.pairs_path), "data.pairs_path", "an existing JSONL file", d.pairs_path)
+    _check(d.image_root is None or os.path.isdir(d.image_root), "data.image_root", "an existing directory", d.image_root)
+    _check(d.pairs_per_step >= 1, "data.pairs_per_step", "an integer >= 1", d.pairs_per_step)
+    _check(d.max_pairs is None or d.max_pairs >= 1, "data.max_pairs", "null or an integer >= 1", d.max_pairs)
+    _check(r.group_size >= 2, "rollout.group_size", "an integer >= 2 (a group of one has zero advantage)", r.group_size)
+    _check(r.temperature >= 0, "rollout.temperature", "a number >= 0", r.temperature)
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", r.max_new_tokens)
+    _check(r.cfg_scale >= 1, "rollout.cfg_scale", "a number >= 1", r.cfg_scale)
+    _check(r.image_temperature >= 0, "rollout.image_temperature", "a number >= 0", r.image_temperature)
+    _check(r.image_top_k >= 0, "rollout.image_top_k", "an integer >= 0", r.image_top_k)
+    _check(0 < r.image_top_p <= 1, "rollout.image_top_p", "a number in (0, 1]", r.image_top_p)
+    _check(r.max_batch >= 0, "rollout.max_batch", "an integer >= 0", r.max_batch)
+    _check(r.image_logprob in ("cond", "cfg"), "rollout.image_logprob", "cond | cfg", r.image_logprob)
+    if r.image_logprob == "cfg":
+        _check(r.image_top_k == 0 and r.image_top_p == 1.0, "rollout.image_logprob",
+               "cond when top-k/top-p is on (the trainer scores the untruncated guided distribution)", r.image_logprob)
+    _check(w.understanding in UNDERSTANDING_REWARDS, "reward.understanding", f"one of {UNDERSTANDING_REWARDS}", w.understanding)
+    _check(w.generation in GENERATION_REWARDS, "reward.generation", f"one of {GENERATION_REWARDS}", w.generation)
+    if w.generation == "clip":
+        _check(w.clip_path is not None and os.path.isdir(w.clip_path), "reward.clip_path",
+               "a local CLIP model directory (reward.generation=clip)", w.clip_path)
+    if w.generation == "hpsv2":
+        _check(w.hpsv2_path is not None and os.path.isfile(w.hpsv2_path), "reward.hpsv2_path",
+               "an HPSv2 checkpoint file (reward.generation=hpsv2)", w.hpsv2_path)
+    if w.generation == "toyworld" or d.pairs_path is None:
+        _check(r.decode_images or w.generation == "pair_qa", "rollout.decode_images", "true (pixel rewards need images)",
+               r.decode_images)
+    _check(0 <= a.epsilon_low <= 1, "algo.epsilon_low", "a number in [0, 1]", a.epsilon_low)
+    _check(a.epsilon_high >= 0, "algo.epsilon_high", "a number >= 0", a.epsilon_high)
+    _check(a.beta >= 0, "algo.beta", "a number >= 0", a.beta)
+    _check(a.kl_estimator in ("k1", "k2", "k3"), "algo.kl_estimator", "k1 | k2 | k3", a.kl_estimator)
+    _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"one of {LOSS_AGG_MODES}", a.loss_agg_mode)
+    _check(a.mu >= 1, "algo.mu", "an integer >= 1", a.mu)
+    _check(a.advantage_eps >= 0, "algo.advantage_eps", "a number >= 0", a.advantage_eps)
+    _check(a.understanding_weight >= 0 and a.generation_weight >= 0 and a.understanding_weight + a.generation_weight > 0,
+           "algo.understanding_weight/generation_weight", "weights >= 0, not both 0",
+           (a.understanding_weight, a.generation_weight))
+    _check(o.optimizer in ("adamw8bit", "adamw"), "optim.optimizer", "adamw8bit | adamw", o.optimizer)
+    _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "a number >= 0", o.max_grad_norm)
+    _check(o.micro_batch_size >= 1, "optim.micro_batch_size", "an integer >= 1", o.micro_batch_size)
+    _check(t.steps >= 1, "train.steps", "an integer >= 1", t.steps)
+    _check(t.save_every >= 0, "train.save_every", "an integer >= 0", t.save_every)
+    _check(t.num_threads >= 0, "train.num_threads", "an integer >= 0", t.num_threads)
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+           "auto | cpu | cuda | cuda:N", t.device)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

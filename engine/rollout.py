@@ -1,0 +1,239 @@
+"""Rollouts: G sampled answers per question, G CFG-sampled images per prompt, with old log-probs.
+
+Both loops are the engine's own: prefill once into a static KV cache, then one token per step.
+Every draw goes through `pairuni_kernels.cfg_sample` with one seed per rollout, so a rollout's
+tokens depend on (seed, step, row seed) only, never on which other rows share the batch.
+
+- Understanding: rows are [B] prompts (image placeholders filled with vision features). Text
+  sampling reuses `cfg_sample` with the logits stacked as [c; c] and guidance 1, which gives
+  `z = c` exactly; the recorded log-prob is that of `softmax(c / temperature)`.
+- Generation: the batch is [cond; uncond] (2B rows, "blocked" layout). The unconditional prompt
+  replaces every token except BOS and begin-of-image by the pad token and keeps the attention mask,
+  as transformers' and the official Janus code do. Each of the K image-token steps is one
+  `cfg_sample` over the [2B, V_img] logits. The recorded old log-prob is, by default, that of the
+  conditional branch `log softmax(c / T)` (T2I-R1 / PairUni); `image_logprob="cfg"` records the
+  guided distribution's.
+
+Positions count attended tokens only (left padding gets none), unlike transformers' image
+`generate`, which counts pads; the two agree on unpadded prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import StaticCache
+
+from . import model as M
+
+
+# ----------------------------------------------------------------------------- batches
+@dataclass
+class UnderstandingRollout:
+    """B = P * G rows, row `p * G + g` is answer g to question p.
+
+    prompt_ids:    [B, Lp] long, left-padded prompts with image placeholders.
+    prompt_mask:   [B, Lp] long, 1 on real tokens.
+    pixel_values:  [B, 3, S, S] float or None.
+    response_ids:  [B, T] long, sampled tokens (after EOS: whatever was sampled, masked out).
+    response_mask: [B, T] bool, tokens up to and including the first EOS.
+    old_logp:      [B, T] float32, log-prob of each sampled token under the rollout policy.
+    texts:         B decoded answers (up to EOS).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    texts: list[str]
+    temperature: float
+
+
+@dataclass
+class GenerationRollout:
+    """B = P * G rows, row `p * G + g` is image g for prompt p.
+
+    prompt_ids:   [B, Lp] long, left-padded conditional prompts ending in begin-of-image.
+    uncond_ids:   [B, Lp] long, the unconditional prompts.
+    prompt_mask:  [B, Lp] long.
+    image_tokens: [B, K] long, VQ codebook ids.
+    old_logp:     [B, K] float32.
+    images:       [B, 3, S, S] float in [0, 1], or None when not decoded.
+    """
+
+    prompt_ids: torch.Tensor
+    uncond_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    image_tokens: torch.Tensor
+    old_logp: torch.Tensor
+    images: torch.Tensor | None
+    cfg_scale: float
+    temperature: float
+    image_logprob: str
+
+
+def rollout_seeds(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
+    """[n] int64 seeds, one per rollout, a pure function of (seed, step, stream)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 17 + stream)
+    return torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64)
+
+
+def uncond_prompt(prompt_ids: torch.Tensor, *, bos: int, boi: int, pad: int) -> torch.Tensor:
+    """Every token but BOS and begin-of-image replaced by pad (the CFG unconditional prompt)."""
+    keep = (prompt_ids == bos) | (prompt_ids == boi)
+    return torch.where(keep, prompt_ids, torch.full_like(prompt_ids, pad))
+
+
+def _static_cache(model, max_len: int) -> StaticCache:
+    """KV cache preallocated (lazily, at the first layer call) for `max_len` positions per row."""
+    return StaticCache(config=model.config.text_config, max_cache_len=max_len)
+
+
+def _sampling_temperature(t: float) -> float:
+    """Log-probs of greedy rollouts are scored at temperature 1."""
+    return t if t > 0 else 1.0
+
+
+def sample_text_tokens(logits: torch.Tensor, *, temperature: float, seeds: torch.Tensor, step: int):
+    """[B, V] logits -> (tokens [B], logp [B]) drawn from softmax(logits / temperature) by `cfg_sample`."""
+    from pairuni_kernels import cfg_sample
+
+    logits = logits.float()
+    tokens, _ = cfg_sample(torch.cat([logits, logits]), guidance_scale=1.0, temperature=temperature,
+                           seeds=seeds, step=step)
+    logp = torch.log_softmax(logits / _sampling_temperature(temperature), -1).gather(-1, tokens[:, None])[:, 0]
+    return tokens, logp
+
+
+# ----------------------------------------------------------------------------- understanding
+@torch.no_grad()
+def rollout_understanding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          pixel_values: torch.Tensor | None, *, max_new_tokens: int, temperature: float,
+                          seeds: torch.Tensor, decode_text=None) -> UnderstandingRollout:
+    """Sample one answer per row (rows already repeated G times), with per-token old log-probs.
+
+    Stops early once every row has produced EOS; `response_ids` then has fewer than
+    `max_new_tokens` columns.
+    """
+    ids = M.special_ids(model)
+    b, lp = prompt_ids.shape
+    device = prompt_ids.device
+    embeds = M.text_embeddings(model, prompt_ids, pixel_values)
+    cache = _static_cache(model, lp + max_new_tokens)
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], 1)
+    pos = M.positions_from_mask(prompt_mask)
+    h = M.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
+    next_pos = pos[:, -1] + 1
+    weight, bias = M.text_head(model)
+    tokens = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
+    logps = torch.empty(b, max_new_tokens, dtype=torch.float32, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
+    length = max_new_tokens
+    for t in range(max_new_tokens):
+        logits = F.linear(h, weight, bias)
+        tok, lpr = sample_text_tokens(logits, temperature=temperature, seeds=seeds.to(device), step=t)
+        tokens[:, t], logps[:, t] = tok, lpr
+        mask[:, t] = ~done
+        done = done | (tok == ids["eos"])
+        if t == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: answers are short
+            length = t + 1
+            break
+        e = model.get_input_embeddings()(tok[:, None])
+        h = M.policy_hidden(model, e, full_mask[:, : lp + t + 1], next_pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1
+    tokens, logps, mask = tokens[:, :length], logps[:, :length], mask[:, :length]
+    texts = [""] * b
+    if decode_text is not None:
+        texts = [decode_text(tokens[i][mask[i]].tolist()) for i in range(b)]
+    return UnderstandingRollout(prompt_ids, prompt_mask, pixel_values, tokens, mask, logps, texts, temperature)
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.no_grad()
+def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, cfg_scale: float,
+                       temperature: float, seeds: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                       image_logprob: str = "cond", decode: bool = True) -> GenerationRollout:
+    """CFG image rollouts: K image tokens per row (rows already repeated G times)."""
+    from pairuni_kernels import cfg_sample
+
+    if image_logprob not in ("cond", "cfg"):
+        raise ValueError(f"image_logprob: expected 'cond' or 'cfg', got {image_logprob!r}")
+    ids = M.special_ids(model)
+    b, lp = prompt_ids.shape
+    device = prompt_ids.device
+    k_img = M.image_token_count(model)
+    uncond = uncond_prompt(prompt_ids, bos=ids["bos"], boi=ids["boi"], pad=ids["pad"])
+    both_ids = torch.cat([prompt_ids, uncond])
+    both_mask = torch.cat([prompt_mask, prompt_mask])
+    embeds = model.get_input_embeddings()(both_ids)
+    cache = _static_cache(model, lp + k_img)
+    full_mask = torch.cat([both_mask, both_mask.new_ones(2 * b, k_img)], 1)
+    pos = M.positions_from_mask(both_mask)
+    h = M.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
+    next_pos = pos[:, -1] + 1
+    head = model.model.generation_head
+    seeds = seeds.to(device)
+    t_score = _sampling_temperature(temperature)
+    tokens = torch.empty(b, k_img, dtype=torch.long, device=device)
+    logps = torch.empty(b, k_img, dtype=torch.float32, device=device)
+    for k in range(k_img):
+        logits = head(h).float()  # [2B, V_img]
+        tok, lpr = cfg_sample(logits, guidance_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seeds=seeds, step=k, layout="blocked")
+        if image_logprob == "cond":
+            lpr = torch.log_softmax(logits[:b] / t_score, -1).gather(-1, tok[:, None])[:, 0]
+        elif temperature == 0:
+            guided = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
+            lpr = torch.log_softmax(guided, -1).gather(-1, tok[:, None])[:, 0]
+        tokens[:, k], logps[:, k] = tok, lpr
+        if k == k_img - 1:
+            break
+        e = M.image_token_embeddings(model, torch.cat([tok, tok])[:, None])
+        h = M.policy_hidden(model, e, full_mask[:, : lp + k + 1], next_pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1
+    images = M.decode_images(model, tokens) if decode else None
+    return GenerationRollout(prompt_ids, uncond, prompt_mask, tokens, logps, images, cfg_scale, temperature,
+                             image_logprob)
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+def understanding_hidden(model, ro: UnderstandingRollout, rows=slice(None)) -> torch.Tensor:
+    """Teacher-forced [b, T, H] hidden states that predict `ro.response_ids[rows]`."""
+    p_ids, p_mask = ro.prompt_ids[rows], ro.prompt_mask[rows]
+    resp = ro.response_ids[rows]
+    pv = ro.pixel_values[rows] if ro.pixel_values is not None else None
+    lp, t = p_ids.shape[1], resp.shape[1]
+    embeds = torch.cat([M.text_embeddings(model, p_ids, pv), model.get_input_embeddings()(resp[:, :-1])], 1)
+    mask = torch.cat([p_mask, p_mask.new_ones(p_mask.shape[0], t - 1)], 1)
+    h = M.policy_hidden(model, embeds, mask, M.positions_from_mask(mask))
+    return h[:, lp - 1: lp - 1 + t]
+
+
+def generation_head_input(model, ro: GenerationRollout, rows=slice(None)) -> torch.Tensor:
+    """Teacher-forced [b, K, P] inputs of the image head's last linear layer for `ro.image_tokens[rows]`.
+
+    With `image_logprob == "cfg"` these are `h_u + s * (h_c - h_u)`: the last layer is affine, so
+    its output on this mix is exactly the guided logits `u + s * (c - u)`.
+    """
+    tok = ro.image_tokens[rows]
+    k = tok.shape[1]
+    img = M.image_token_embeddings(model, tok[:, :-1])
+
+    def branch(p_ids):
+        lp = p_ids.shape[1]
+        p_mask = ro.prompt_mask[rows]
+        embeds = torch.cat([model.get_input_embeddings()(p_ids), img], 1)
+        mask = torch.cat([p_mask, p_mask.new_ones(p_mask.shape[0], k - 1)], 1)
+        h = M.policy_hidden(model, embeds, mask, M.positions_from_mask(mask))
+        return M.image_head_input(model, h[:, lp - 1: lp - 1 + k])
+
+    hc = branch(ro.prompt_ids[rows])
+    if ro.image_logprob == "cond":
+        return hc
+    hu = branch(ro.uncond_ids[rows])
+    return hu + ro.cfg_scale * (hc - hu)
