@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: list[str] = ["engine.train_cli", "engine.data.cli", "engine.plan"]
+COMMAND_MODULES: list[str] = ["engine.train_cli", "engine.data.cli", "engine.plan", "engine.probe"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""The README's "Use the loss in TRL" / "Use the loss in verl" snippets run, and the README quotes them verbatim.
+"""The README's "Use the loss in TRL", "Use the loss in verl" and "Measure task interference" snippets run,
+and the README quotes them verbatim.
 
 Each snippet lives in docs/snippets/ and runs here in a fresh interpreter (its own working
 directory), exactly as a reader would paste it. The README check is skipped until the README has
@@ -19,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SNIPPETS = {
     "verl": (ROOT / "docs/snippets/verl_snippet.py", "Use the loss in verl", "pg_loss"),
     "trl": (ROOT / "docs/snippets/trl_snippet.py", "Use the loss in TRL", "train_loss"),
+    "probe": (ROOT / "docs/snippets/probe_snippet.py", "Measure task interference", "median_paired"),
 }
 
 
