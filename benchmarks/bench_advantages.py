@@ -7,8 +7,8 @@ advantage (4 B): 20 B. The sort that segments arbitrary group ids is included in
 from __future__ import annotations
 
 import torch
-
 from _timing import time_ms
+
 from pairuni_kernels import reference
 from pairuni_kernels.advantages import group_advantages
 

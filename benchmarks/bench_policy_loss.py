@@ -10,8 +10,8 @@ On CPU only the reference runs (Triton on CPU is the interpreter: correctness on
 from __future__ import annotations
 
 import torch
-
 from _timing import copy_bandwidth_gbps, time_ms
+
 from pairuni_kernels import reference
 from pairuni_kernels.policy_loss import clipped_policy_loss as fused_loss
 

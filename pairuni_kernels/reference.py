@@ -11,6 +11,7 @@ The formulas are those of `shared/DESIGN.md` ("pairuni_kernels: the contract").
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -317,8 +318,6 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
 # (csrc/cfg_sampling.cpp) and the CUDA kernel (csrc/cfg_sampling.cuh), which implement the
 # same random stream (csrc/cfg_sampling_common.h) so all three draw the same tokens for
 # the same seeds where floating point allows (only a top-p boundary can differ, by ulps).
-import math  # (this section is appended after the others: its import lives here)
-
 CFG_LAYOUTS = ("blocked", "interleaved")
 CFG_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -129,10 +129,14 @@ def parse_caption(caption: str) -> dict[str, Any]:
     """
     text = " " + " ".join(caption.lower().replace(",", " ").replace(".", " ").split()) + " "
     found: dict[str, Any] = {"color": None, "shape": None, "count": None, "position": None}
-    first = lambda words: min(((text.find(f" {w} "), w) for w in words if f" {w} " in text), default=(-1, None))[1]
+
+    def first(words):
+        """The word of `words` that appears earliest in the caption, or None."""
+        return min(((text.find(f" {w} "), w) for w in words if f" {w} " in text), default=(-1, None))[1]
+
     found["color"] = first(COLORS)
     shape = first([s for s in SHAPES] + [s + "s" for s in SHAPES])
-    found["shape"] = shape.rstrip("s") if shape else None
+    found["shape"] = shape if shape in SHAPES or shape is None else shape[:-1]  # plural: drop one "s"
     count_word = first(COUNT_WORDS[1:] + ("a", "an"))
     if count_word is not None:
         found["count"] = 1 if count_word in ("a", "an") else COUNT_WORDS.index(count_word)
