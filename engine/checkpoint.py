@@ -4,6 +4,7 @@ A checkpoint is a directory `run_dir/checkpoints/step_000123/` holding
 
     policy.safetensors     the trainable parameters (frozen ones come from the base model)
     optimizer.safetensors  every tensor of the optimizer state (8-bit states, quantisation maps, ...)
+    master.safetensors     fp32 master weights, when the run keeps them (optim.master_weights)
     state.json             step, the optimizer's non-tensor state, RNG states, data cursor, extras
 
 It is written into a temporary sibling directory and renamed into place, then `latest` (a text
@@ -122,8 +123,12 @@ def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, extra: dict, *, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path."""
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, extra: dict, *, keep: int = 2,
+                    master: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path.
+
+    master: {parameter name: fp32 master weight} to store beside the model's (lower-precision) weights.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -133,6 +138,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, ext
     tmp.mkdir()
     try:
         save_file(trainable_state(model), str(tmp / "policy.safetensors"))
+        if master is not None:
+            save_file({n: t.detach().contiguous().cpu() for n, t in master.items()}, str(tmp / "master.safetensors"))
         opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
         rng_js, rng_tensors = rng_state()
         save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
@@ -166,8 +173,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
-    """Restore parameters, optimizer and RNG states from `path`; returns state.json's content."""
+def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[str, torch.Tensor] | None = None) -> dict:
+    """Restore parameters, optimizer and RNG states from `path`; returns state.json's content.
+
+    master: the run's fp32 master weights by name, filled from master.safetensors (or, for a checkpoint
+    written without them, from the stored weights).
+    """
     path = Path(path)
     with open(path / "state.json") as fh:
         state = json.load(fh)
@@ -178,9 +189,14 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
     if missing or unknown:
         raise ValueError(f"checkpoint {path}: parameters do not match the model "
                          f"(missing {missing[:3]}, unknown {unknown[:3]}); was it written with other train_modules?")
+    masters = params
+    if master is not None and (path / "master.safetensors").is_file():
+        masters = load_file(str(path / "master.safetensors"))
     with torch.no_grad():
         for n, t in params.items():
             named[n].copy_(t)
+            if master is not None:
+                master[n].copy_(masters[n])
     tensors = load_file(str(path / "optimizer.safetensors"))
     opt_tensors = {k: v for k, v in tensors.items() if k.startswith("state/")}
     optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))

@@ -136,6 +136,11 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     micro_batch_size: int = 16
     """Trajectories per forward/backward; gradients accumulate to the full batch."""
+    master_weights: bool = False
+    """Keep fp32 master copies of the trainable weights for the optimizer when model.dtype is bf16/fp16
+    (single process). With bf16 weights and lr 1e-6 most AdamW steps are below half a bf16 ulp and are
+    lost; the master copy keeps them. +4 bytes per trainable parameter (26 GiB for 7B). Under torchrun
+    use model.dtype=float32 with distributed.param_dtype=bfloat16 instead (fp32 shards are the masters)."""
 
 
 @dataclass
@@ -159,6 +164,19 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used only under `torchrun` (WORLD_SIZE set); see engine/distributed.py."""
+
+    param_dtype: str | None = None
+    """FSDP2 compute dtype of gathered parameters (None: model.dtype). With model.dtype=float32 and
+    bfloat16 here, the fp32 shards are master weights and forward/backward run in bf16."""
+    reduce_dtype: str | None = None
+    """dtype of the gradient reduce-scatter (None: the compute dtype). float32 is the safe choice with bf16."""
+    reshard_after_forward: bool = True
+    """Free each decoder layer's gathered parameters after its forward (ZeRO-3); False keeps them (ZeRO-2-like)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
@@ -174,6 +192,8 @@ class Config:
     """Optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop, logging, checkpoints."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """torchrun + FSDP2 (ignored in a single process)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -343,6 +363,10 @@ def validate(cfg: Config) -> None:
     _check(t.steps >= 1, "train.steps", "an integer >= 1", t.steps)
     _check(t.save_every >= 0, "train.save_every", "an integer >= 0", t.save_every)
     _check(t.num_threads >= 0, "train.num_threads", "an integer >= 0", t.num_threads)
+    dc = cfg.distributed
+    for key in ("param_dtype", "reduce_dtype"):
+        value = getattr(dc, key)
+        _check(value is None or value in DTYPES, f"distributed.{key}", f"null or one of {tuple(DTYPES)}", value)
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
            "auto | cpu | cuda | cuda:N", t.device)
 

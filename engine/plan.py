@@ -12,15 +12,23 @@ Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over th
                master copy (or stochastic rounding) is what keeps them. It is the term that
                decides whether 7B fits on one 80 GB GPU, so it is shown separately.
   activations  per micro-batch of `micro_batch` sequences of S tokens through L LLaMA blocks
-               (hidden H, MLP width I, bf16): without checkpointing every block keeps about
-               10 [S, H] and 4 [S, I] tensors for backward; with checkpointing only each
-               block's input is kept and one block is recomputed at a time
+               (hidden H, MLP width I, in `param_dtype`, the compute dtype): without
+               checkpointing every block keeps about 10 [S, H] and 4 [S, I] tensors for
+               backward; with checkpointing only each block's input is kept and one block is
+               recomputed at a time. S is the longest update sequence (an understanding prompt
+               with its image tokens plus the answer); the sum with `grads` assumes that task
+               has more than one micro-batch, so gradients already exist while it runs
   fsdp_gather  with FSDP, the unsharded parameters of the block being computed and the next
   loss         fused linear loss chunk: `loss_chunk_rows` x vocabulary logits in fp32, twice
+  rollout_gather  with FSDP, rollouts gather every parameter once and keep them gathered for
+               the whole decode loop (no collective per token; engine/distributed.py `unsharded`):
+               the parameters this GPU does not own, in `param_dtype`
   kv_cache     image rollouts: K and V of every layer for the 2 x G [cond; uncond] rows of
                each pair on this GPU, over prompt + 576 positions (text rollouts are smaller)
-The peak is the larger of the rollout phase (weights + optimizer + KV cache) and the
-update phase (weights + grads + optimizer + master + activations + gather + loss).
+Checked against the measured peak of the engine's update step on a scaled-down model on CPU
+(tests/scale/test_plan_measured.py, within 20%). The peak is the larger of the rollout phase
+(weights + optimizer + master + rollout gather + KV cache) and the update phase
+(weights + grads + optimizer + master + activations + gather + loss).
 """
 
 from __future__ import annotations
@@ -104,9 +112,9 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
         "optimizer": trainable * ((2 + 8 / 2048) if cfg.optimizer == "adamw8bit" else 8) / shard,
         "master": trainable * 4 / shard if cfg.master_weights else 0.0,
     }
-    block = cfg.micro_batch * seq * (10 * h + 4 * inter) * 2  # one block's saved tensors, bf16
+    block = cfg.micro_batch * seq * (10 * h + 4 * inter) * pb  # one block's saved tensors
     if cfg.gradient_checkpointing:
-        terms["activations"] = n_layers * cfg.micro_batch * seq * h * 2 + block
+        terms["activations"] = n_layers * cfg.micro_batch * seq * h * pb + block
     else:
         terms["activations"] = n_layers * block
     layer_params = counts.get("language_model", 0) / max(n_layers, 1)
@@ -114,9 +122,10 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     terms["loss"] = 2 * min(cfg.loss_chunk_rows, cfg.micro_batch * seq) * max(text["vocab"], text["codebook"]) * 4
     rows = 2 * cfg.group_size * cfg.pairs_per_gpu
     terms["kv_cache"] = 2 * n_layers * rows * (cfg.prompt_tokens + text["image_tokens"]) * kv_dim * pb
+    terms["rollout_gather"] = total * pb * (1 - 1 / shard)
 
     persistent = terms["weights"] + terms["optimizer"] + terms["master"]
-    terms["rollout_peak"] = persistent + terms["kv_cache"]
+    terms["rollout_peak"] = persistent + terms["rollout_gather"] + terms["kv_cache"]
     terms["update_peak"] = persistent + terms["grads"] + terms["activations"] + terms["fsdp_gather"] + terms["loss"]
     terms["peak"] = max(terms["rollout_peak"], terms["update_peak"])
     terms["parameters"] = float(total)
@@ -130,7 +139,7 @@ def format_table(cfg: PlanConfig, terms: dict[str, float]) -> str:
              f"master={'fp32' if cfg.master_weights else 'none'}",
              f"parameters {terms['parameters'] / 1e9:.3f} B (trainable {terms['trainable_parameters'] / 1e9:.3f} B)",
              "| term | GiB per GPU |", "|---|---|"]
-    for key in ("weights", "grads", "optimizer", "master", "activations", "fsdp_gather", "loss", "kv_cache",
+    for key in ("weights", "grads", "optimizer", "master", "activations", "fsdp_gather", "loss", "rollout_gather", "kv_cache",
                 "rollout_peak", "update_peak", "peak"):
         lines.append(f"| {key} | {terms[key] / GiB:.2f} |")
     return "\n".join(lines)
@@ -150,6 +159,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
     p.add_argument("--master-weights", action="store_true")
+    p.add_argument("--param-dtype", default=defaults.param_dtype, choices=tuple(DTYPE_BYTES),
+                   help="dtype of stored weights, grads and activations (float32: an upper bound for FSDP "
+                        "with fp32 shards and bf16 compute)")
     p.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
     p.set_defaults(func=_run)
 
@@ -158,7 +170,7 @@ def _run(args) -> int:
     cfg = PlanConfig(model=args.model, gpus=args.gpus, group_size=args.group_size, pairs_per_gpu=args.pairs_per_gpu,
                      prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens, micro_batch=args.micro_batch,
                      gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                     master_weights=args.master_weights)
+                     master_weights=args.master_weights, param_dtype=args.param_dtype)
     terms = estimate(cfg)
     print(json.dumps({"config": asdict(cfg), "bytes": terms}, indent=2) if args.json else format_table(cfg, terms))
     return 0

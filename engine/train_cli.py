@@ -3,6 +3,8 @@
 With no arguments: the tiny random Janus on the bundled toy-world pairs, a short CPU run that
 writes metrics.jsonl, TensorBoard logs, reward_curve.png and a checkpoint under runs/tiny.
 The configuration is checked (and the pairs read) before any model loads.
+Under `torchrun --nproc_per_node N -m engine.train_cli ...` the run is data-parallel with FSDP2
+(engine/distributed.py); rank 0 logs and prints the summary.
 """
 
 from __future__ import annotations
@@ -39,9 +41,19 @@ def run(args) -> int:
         trainer = PairGRPOTrainer.from_config(cfg)
     except ConfigError as exc:
         print(f"pairuni train: config error: {exc}", file=sys.stderr)
+        from . import distributed as D
+
+        D.shutdown()
         return 2
-    summary = trainer.train()
-    print(format_summary(summary))
+    from . import distributed as D
+
+    try:
+        summary = trainer.train()
+    finally:
+        main = D.is_main()
+        D.shutdown()  # torchrun: leave the process group cleanly
+    if main:  # one summary per job, from rank 0
+        print(format_summary(summary))
     return 0
 
 

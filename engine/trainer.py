@@ -32,6 +32,7 @@ import torch
 from pairuni_kernels import group_advantages, pair_weights
 from pairuni_kernels.policy_loss import loss_denominator
 
+from . import distributed as D
 from . import model as M
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
@@ -137,11 +138,18 @@ class PairSampler:
 
 # ----------------------------------------------------------------------------- logging
 class MetricsLog:
-    """metrics.jsonl + TensorBoard scalars + a reward-curve PNG, all in the run directory."""
+    """metrics.jsonl + TensorBoard scalars + a reward-curve PNG, all in the run directory.
 
-    def __init__(self, run_dir: Path, start_step: int):
-        self.run_dir = run_dir
+    enabled=False (ranks other than 0) keeps the rows in memory and writes nothing.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int, *, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
         self.path = run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
         kept = []
         if self.path.exists():  # a resumed run rewrites history after its checkpoint
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
@@ -157,6 +165,8 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -165,6 +175,8 @@ class MetricsLog:
                     self.tb.add_scalar(k.replace(".", "/"), v, row["step"])
 
     def plot(self) -> Path | None:
+        if not self.enabled:
+            return None
         try:
             import matplotlib
 
@@ -203,9 +215,16 @@ def build_optimizer(params, cfg: Config, device: torch.device):
     return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
-def _chunk_weight(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
-    """Factor that turns a micro-batch's aggregated loss into its share of the full batch's loss."""
-    return float(loss_denominator(chunk_mask, mode).clamp(min=1) / loss_denominator(full_mask, mode).clamp(min=1))
+def _chunk_weight(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor,
+                  full_den: torch.Tensor | None = None) -> float:
+    """Factor that turns a micro-batch's aggregated loss into its share of the full batch's loss.
+
+    full_den: the full batch's `loss_denominator` when it is not `full_mask`'s own (data-parallel
+    ranks pass the all-reduced global one).
+    """
+    if full_den is None:
+        full_den = loss_denominator(full_mask, mode)
+    return float(loss_denominator(chunk_mask, mode).clamp(min=1) / full_den.clamp(min=1))
 
 
 def _cat_rollouts(parts: list):
@@ -246,17 +265,34 @@ class PairGRPOTrainer:
         self.device = next(model.parameters()).device
         self.run_dir = Path(cfg.train.run_dir)
         self.sampler = PairSampler(len(pairs), cfg.data.pairs_per_step, cfg.train.seed, cfg.data.shuffle)
+        self.dist = D.current()  # None in a single process
+        D.local_pairs(cfg.data.pairs_per_step, self.dist)  # raises unless every rank gets whole pairs
         counts = M.set_trainable(model, cfg.model.train_modules)
         log.info("trainable parameters: %s", counts)
         if cfg.model.gradient_checkpointing:
             M.enable_gradient_checkpointing(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg, self.device)
         self.ref_model = None
         if cfg.algo.beta > 0:  # a frozen copy of the initial policy; never built when beta == 0
             import copy
 
             self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.fsdp = None  # the FSDP2 root under torchrun; parameters below are then DTensor shards
+        if self.dist is not None:
+            if cfg.optim.optimizer == "adamw8bit":
+                raise ConfigError("optim.optimizer: adamw8bit (bitsandbytes) cannot step FSDP2's DTensor "
+                                  "parameters; use optim.optimizer=adamw under torchrun (its fp32 state is "
+                                  "sharded over the ranks)")
+            dc = cfg.distributed
+            self.fsdp = D.shard_model(model, self.dist, param_dtype=dc.param_dtype, reduce_dtype=dc.reduce_dtype,
+                                      reshard_after_forward=dc.reshard_after_forward)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = None  # fp32 copies the optimizer steps (optim.master_weights with bf16/fp16 weights)
+        if cfg.optim.master_weights and any(p.dtype != torch.float32 for p in self.params):
+            if self.fsdp is not None:
+                raise ConfigError("optim.master_weights: under torchrun use model.dtype=float32 with "
+                                  "distributed.param_dtype=bfloat16 (the fp32 shards are the master weights)")
+            self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+        self.optimizer = build_optimizer(self.master or self.params, cfg, self.device)
         self.reward_und = build_reward(cfg.reward.understanding, cfg.reward, device=self.device)
         self.reward_gen = build_reward(cfg.reward.generation, cfg.reward, device=self.device,
                                        answer_fn=self._answer_about_images)
@@ -272,8 +308,10 @@ class PairGRPOTrainer:
         pairs, root = load_pairs(cfg)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
-                              else ("cpu" if cfg.train.device == "auto" else cfg.train.device))
+        env = D.init_from_env(cfg.train.device)  # torchrun: process group + this rank's device
+        device = env.device if env is not None else torch.device(
+            "cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if cfg.train.device == "auto" else cfg.train.device))
         tokenizer_json = None
         if cfg.model.path is None:
             ckpt = latest_checkpoint(cfg.train.run_dir) if cfg.train.resume else None
@@ -325,10 +363,23 @@ class PairGRPOTrainer:
         return torch.arange(p).repeat_interleave(self.cfg.rollout.group_size)
 
     # ------------------------------------------------------------------ rollouts + advantages
+    def _call(self, fn, *args):
+        """`fn(model, *args)`; under FSDP inside the root's forward (gathers root-owned parameters,
+        reduce-scatters their gradients after backward)."""
+        return self.fsdp(fn, *args) if self.fsdp is not None else fn(self.model, *args)
+
     @torch.no_grad()
     def make_batch(self, step: int, indices: list[int]) -> StepBatch:
+        """Rollouts, rewards and advantages of the pairs `indices` (the global list: under torchrun
+        this rank takes its share of whole pairs and the matching rows' seeds)."""
+        with D.unsharded(self.fsdp):
+            return self._make_batch(step, indices)
+
+    def _make_batch(self, step: int, indices: list[int]) -> StepBatch:
         cfg, g = self.cfg, self.cfg.rollout.group_size
-        pairs = [self.pairs[i] for i in indices]
+        share = D.local_pairs(len(indices), self.dist)
+        first_row, n_global = share.start * g, len(indices) * g
+        pairs = [self.pairs[i] for i in indices[share]]
         rows = [p for p in pairs for _ in range(g)]
         self.model.eval()
         dev, dt = self.device, self.model.dtype
@@ -337,13 +388,13 @@ class PairGRPOTrainer:
         und_samples = [p.understand for p in rows]
         ids, mask, pv = self.prompts.understanding([s.question for s in und_samples],
                                                    torch.stack([self._image(s) for s in und_samples]))
-        seeds = rollout_seeds(cfg.train.seed, step, 0, n)
+        seeds = rollout_seeds(cfg.train.seed, step, 0, n_global)[first_row: first_row + n]
         und = _cat_rollouts([rollout_understanding(
             self.model, ids[c].to(dev), mask[c].to(dev), pv[c].to(dev, dt), max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, seeds=seeds[c], decode_text=self.prompts.decode) for c in chunks])
         gen_samples = [p.generate for p in rows]
         gids, gmask = self.prompts.generation([s.prompt for s in gen_samples])
-        seeds = rollout_seeds(cfg.train.seed, step, 1, n)
+        seeds = rollout_seeds(cfg.train.seed, step, 1, n_global)[first_row: first_row + n]
         gen = _cat_rollouts([rollout_generation(
             self.model, gids[c].to(dev), gmask[c].to(dev), cfg_scale=cfg.rollout.cfg_scale,
             temperature=cfg.rollout.image_temperature, top_k=cfg.rollout.image_top_k, top_p=cfg.rollout.image_top_p,
@@ -408,7 +459,9 @@ class PairGRPOTrainer:
     def backward(self, batch: StepBatch, refs: dict | None = None) -> dict:
         """Accumulate the gradient of `sum_task weight_task * loss_task` over micro-batches.
 
-        Returns {task: (loss, clip_fraction, ratio_mean, kl)} of the full batch.
+        Returns {task: (loss, clip_fraction, ratio_mean, kl)} of the full batch. Under torchrun the
+        batch is this rank's share, each loss is divided by the global denominator (all-reduced) and
+        FSDP sums gradients over ranks, so gradient and metrics are those of the global batch.
         """
         a = self.cfg.algo
         tasks, chunks = self._plan(batch)
@@ -417,16 +470,22 @@ class PairGRPOTrainer:
                       "generation": torch.ones_like(batch.gen.image_tokens, dtype=torch.bool)}
         sums = {}
         for task, task_w in tasks:
+            full_den = D.global_denominator(loss_denominator(full_masks[task], a.loss_agg_mode), a.loss_agg_mode,
+                                            self.dist)
             loss_sum = clip_sum = ratio_sum = kl_sum = 0.0
             for c in chunks:
-                out = self._task_loss(self.model, task, batch, c, refs.get((task, c.start)))
-                share = _chunk_weight(a.loss_agg_mode, full_masks[task][c], full_masks[task])
+                out = self._call(self._task_loss, task, batch, c, refs.get((task, c.start)))
+                share = _chunk_weight(a.loss_agg_mode, full_masks[task][c], full_masks[task], full_den)
                 (task_w * share * out.loss).backward()
                 loss_sum += share * float(out.loss.detach())
                 clip_sum += share * float(out.clip_fraction.detach())
                 ratio_sum += share * float(out.ratio_mean.detach())
                 kl_sum += share * float(out.kl.detach())
             sums[task] = (loss_sum, clip_sum, ratio_sum, kl_sum)
+        if self.dist is not None:
+            keys = list(sums)
+            total = D.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), self.dist)
+            sums = {k: tuple(float(v) for v in total[i]) for i, k in enumerate(keys)}
         return sums
 
     def update(self, batch: StepBatch) -> dict:
@@ -442,17 +501,39 @@ class PairGRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             sums = self.backward(batch, refs)
             if cfg.optim.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
+                grad_norm = float(D.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)))
             else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
-            self.optimizer.step()
+                grad_norm = float(D.full_tensor(torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.params if p.grad is not None])))
+            if self.master is None:
+                self.optimizer.step()
+            else:
+                self._master_step()
             metrics = {"grad_norm": grad_norm}
             for task, (l, cf, rm, kl) in sums.items():
                 metrics.update({f"loss.{task}": l, f"clip_fraction.{task}": cf, f"ratio_mean.{task}": rm,
                                 f"kl.{task}": kl})
         self.model.eval()
         return metrics
+
+    @torch.no_grad()
+    def _master_step(self) -> None:
+        """Optimizer step on the fp32 masters, one parameter at a time (optimizers skip parameters
+        without a gradient), so only one fp32 gradient exists at once; then round into the model."""
+        for p, m in zip(self.params, self.master):
+            if p.grad is None:
+                continue
+            m.grad, p.grad = p.grad.float(), None
+            self.optimizer.step()
+            m.grad = None
+            p.copy_(m)
+
+    def master_state(self) -> dict[str, torch.Tensor] | None:
+        """{parameter name: fp32 master} when master weights are on (saved with every checkpoint)."""
+        if self.master is None:
+            return None
+        by_id = {id(p): m for p, m in zip(self.params, self.master)}
+        return {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
 
     # ------------------------------------------------------------------ loop
     def state_extra(self) -> dict:
@@ -462,13 +543,22 @@ class PairGRPOTrainer:
         return extra
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state_extra())
+        if self.fsdp is not None:  # sharded: every rank writes its shards (collective)
+            return D.save_sharded(self.run_dir, self.step, self.fsdp, self.optimizer, self.state_extra())
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state_extra(),
+                               master=self.master_state())
 
     def maybe_resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir) if self.cfg.train.resume else None
         if ckpt is None:
             return False
-        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        if self.fsdp is not None:
+            state = D.load_sharded(ckpt, self.fsdp, self.optimizer)
+        elif D.is_sharded_checkpoint(ckpt):
+            raise ConfigError(f"train.resume: {ckpt} was written by a torchrun (FSDP) run; resume it with "
+                              "torchrun, any number of processes (--nproc_per_node 1 included)")
+        else:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, master=self.master_state())
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         log.info("resumed from %s (step %d)", ckpt, self.step)
@@ -481,8 +571,9 @@ class PairGRPOTrainer:
         t1 = time.perf_counter()
         metrics = self.update(batch)
         self.step = step
-        row = {"step": step, "reward.understanding": float(batch.rewards_und.mean()),
-               "reward.generation": float(batch.rewards_gen.mean()), **metrics,
+        r_und, r_gen = (float(D.all_reduce_sum(r.mean(), self.dist)) / (self.dist.world_size if self.dist else 1)
+                        for r in (batch.rewards_und, batch.rewards_gen))  # equal shares: mean of means
+        row = {"step": step, "reward.understanding": r_und, "reward.generation": r_gen, **metrics,
                "time.rollout_s": t1 - t0, "time.update_s": time.perf_counter() - t1}
         if self.device.type == "cuda":
             row["mem.peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -493,13 +584,16 @@ class PairGRPOTrainer:
         """Run until `cfg.train.steps` (or `steps` more); returns a summary dict."""
         from tqdm.auto import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        main = D.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         resumed_from = self.step if self.maybe_resume() else None
         end = self.cfg.train.steps if steps is None else self.step + steps
-        logger = MetricsLog(self.run_dir, self.step)
+        logger = MetricsLog(self.run_dir, self.step, enabled=main)
         t0 = time.perf_counter()
-        bar = tqdm(total=end, initial=self.step, desc="PairGRPO", disable=not self.cfg.train.progress, leave=True)
+        bar = tqdm(total=end, initial=self.step, desc="PairGRPO", disable=not (self.cfg.train.progress and main),
+                   leave=True)
         try:
             while self.step < end:
                 row = self.train_step()

@@ -51,3 +51,12 @@ def test_checkpointing_and_group_size_move_the_right_terms():
 def test_bad_plan_config(field, value):
     with pytest.raises(ValueError, match=field):
         plan.estimate(plan.PlanConfig(**{field: value}))
+
+
+def test_fsdp_rollouts_hold_the_gathered_model():
+    one = plan.estimate(plan.PlanConfig(model="janus-pro-7b", gpus=1))
+    eight = plan.estimate(plan.PlanConfig(model="janus-pro-7b", gpus=8))
+    assert one["rollout_gather"] == 0
+    # rollouts keep every parameter gathered: the 7/8 this GPU does not own, in bf16
+    assert eight["rollout_gather"] == pytest.approx(one["weights"] * 7 / 8)
+    assert eight["rollout_peak"] > eight["weights"] + eight["optimizer"] + eight["rollout_gather"]

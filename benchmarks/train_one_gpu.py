@@ -1,0 +1,211 @@
+"""Full PairGRPO steps of random-weight Janus-Pro-7B (and -1B) shapes on ONE GPU: peak memory and step time.
+
+    python benchmarks/train_one_gpu.py                       # 7B with G=4, then 1B with G=8 (CUDA)
+    python benchmarks/train_one_gpu.py --only janus-pro-7b --steps 3
+    python benchmarks/train_one_gpu.py --smoke               # scaled-down shapes on CPU: checks the script only
+
+Weights do not change memory or speed, so a randomly initialised `JanusForConditionalGeneration`
+with exactly the released shapes (engine.janus_shapes) measures what a real run costs without any
+download. Each step is the engine's own `PairGRPOTrainer.train_step`: understanding rollouts
+(G answers of up to `--answer-tokens` tokens to a question about a 384 px image = 576 vision
+tokens), CFG image rollouts (G images x 576 tokens, [cond; uncond]), rewards, advantages, then the
+update (teacher-forced forward/backward with gradient checkpointing, fused linear losses, paged
+AdamW8bit). One pair per step, bf16 weights, the settings of configs/janus_pro_7b_1gpu.yaml.
+
+Departures from a real run, all on the cheap side of the rollouts only: prompts come from the toy
+tokenizer (a question is ~10-20 tokens plus 576 image tokens; Janus' chat template adds ~30),
+and the generation reward is the toy-world colour reward on the decoded images (CLIP/HPSv2 cost
+a forward pass of their own model on top). The random policy rarely emits EOS, so every answer
+runs to `--answer-tokens` (the worst case).
+
+Writes benchmarks/results/train_one_gpu_<device>.{json,md} (and copies to $OUT when set):
+per step the rollout / update / total seconds and `torch.cuda.max_memory_allocated`, plus the
+`pairuni plan` estimate for the same run. A step that runs out of memory is recorded with the
+allocator summary, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# (model, group size) pairs of issue 7: 7B with the paper's G=4, 1B with G=8
+RUNS = {"janus-pro-7b": 4, "janus-pro-1b": 8}
+SMOKE_SHAPES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=4)
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype, text_overrides: dict, attn: str):
+    """Random-weight Janus-Pro with the exact (or, for --smoke, overridden) shapes, wired to the toy prompts."""
+    from transformers import JanusForConditionalGeneration
+
+    from engine.janus_shapes import janus_pro_config
+    from engine.model import TINY_SPECIAL, attention_backend
+
+    config = janus_pro_config(name, **text_overrides)
+    config.image_token_id = TINY_SPECIAL.image  # the toy prompts' image placeholder
+    if attn == "auto":
+        attn = attention_backend() if device.type == "cuda" else "sdpa"
+    config._attn_implementation = attn
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = JanusForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = TINY_SPECIAL.bos, TINY_SPECIAL.eos, TINY_SPECIAL.pad
+    gc.generation_kwargs = {"boi_token_id": TINY_SPECIAL.boi}
+    return model.eval(), attn
+
+
+def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
+    from engine import plan
+    from engine.config import load_config
+    from engine.data import read_pairs
+    from engine.janus_shapes import parameter_counts
+    from engine.model import image_token_count
+    from engine.text import ToyPrompts, ToyTokenizer
+    from engine.trainer import PairGRPOTrainer, default_pairs_path, load_pairs
+
+    overrides = [f"rollout.group_size={group_size}", "data.pairs_per_step=1", "data.max_pairs=null",
+                 f"rollout.max_new_tokens={args.answer_tokens}", "model.dtype=bfloat16",
+                 "model.gradient_checkpointing=true", "optim.optimizer=adamw8bit", "optim.lr=1e-6",
+                 f"optim.micro_batch_size={args.micro_batch}", "algo.mu=1",
+                 f"optim.master_weights={str(args.master_weights).lower()}", "reward.generation=toyworld",
+                 f"train.device={device.type}", "train.progress=false", f"train.run_dir={args.run_dir}/{name}"]
+    cfg = load_config(None, overrides)
+    pairs, root = load_pairs(cfg)
+    texts = [t for p in read_pairs(default_pairs_path()) for t in (p.understand.question, p.understand.answer,
+                                                                   p.generate.prompt)]
+    tok = ToyTokenizer.from_texts(texts)
+    shapes = SMOKE_SHAPES if args.smoke else {}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    model, attn = build_model(name, device, torch.bfloat16, shapes, args.attn)
+    build_s = time.perf_counter() - t0
+    vis = model.config.vision_config
+    prompts = ToyPrompts(tok, image_size=vis.image_size, num_image_tokens=vis.num_image_tokens)
+    trainer = PairGRPOTrainer(cfg, model, prompts, pairs, root, tokenizer_json=tok.to_json())
+    counts = parameter_counts(model.config)
+    result = {"model": name, "shapes": "exact" if not shapes else f"smoke {shapes}", "group_size": group_size,
+              "pairs_per_step": 1, "image_tokens": image_token_count(model), "answer_tokens": args.answer_tokens,
+              "micro_batch": args.micro_batch, "attention": attn, "dtype": "bfloat16",
+              "optimizer": type(trainer.optimizer).__name__, "gradient_checkpointing": True,
+              "master_weights": args.master_weights,
+              "parameters": sum(counts.values()), "build_s": build_s, "steps": []}
+    if device.type == "cuda":
+        result["mem_after_build_gib"] = torch.cuda.memory_allocated(device) / 2**30
+    for _ in range(args.steps):
+        try:
+            row = trainer.train_step()
+        except torch.OutOfMemoryError as exc:
+            result["oom"] = str(exc).splitlines()[0]
+            result["memory_summary"] = torch.cuda.memory_summary(device) if device.type == "cuda" else ""
+            break
+        step = {"rollout_s": row["time.rollout_s"], "update_s": row["time.update_s"],
+                "step_s": row["time.rollout_s"] + row["time.update_s"]}
+        if "mem.peak_gib" in row:
+            step["peak_allocated_gib"] = row["mem.peak_gib"]
+            step["reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
+        result["steps"].append(step)
+        print(f"{name} step {len(result['steps'])}: " + ", ".join(f"{k} {v:.2f}" for k, v in step.items()), flush=True)
+    # the planner's estimate for this very run (prompt width: the longest understanding prompt seen)
+    question = max(len(tok.encode(p.understand.question)) for p in pairs) + 1
+    est = plan.estimate(plan.PlanConfig(model=name, gpus=1, group_size=group_size, pairs_per_gpu=1,
+                                        prompt_tokens=question, answer_tokens=args.answer_tokens,
+                                        micro_batch=args.micro_batch, optimizer="adamw8bit",
+                                        master_weights=args.master_weights))
+    if not shapes:
+        result["plan_gib"] = {k: est[k] / 2**30 for k in ("weights", "grads", "optimizer", "activations", "loss",
+                                                          "kv_cache", "rollout_peak", "update_peak", "peak")}
+    later = result["steps"][1:] or result["steps"]  # step 1 includes allocator and optimizer-state warm-up
+    if later:
+        result["mean_after_first"] = {k: sum(s[k] for s in later) / len(later) for k in later[0]}
+        if "peak_allocated_gib" in later[0]:
+            result["max_peak_allocated_gib"] = max(s["peak_allocated_gib"] for s in result["steps"])
+    del trainer, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(results: list[dict], env: dict) -> str:
+    lines = [f"# PairGRPO on one device: {env['device_name']}", "",
+             f"torch {env['torch']}, {env['when']}; random weights, one pair per step, bf16, gradient "
+             "checkpointing, AdamW8bit, mu=1, fp32 master weights "
+             f"{'on' if results and results[0].get('master_weights') else 'off'}.", "",
+             "| model | G | params (B) | peak allocated (GiB) | planned peak (GiB) | rollout (s) | update (s) "
+             "| step (s) | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.get("mean_after_first", {})
+        lines.append("| {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} |".format(
+            r["model"], r["group_size"], r["parameters"] / 1e9,
+            f"{r['max_peak_allocated_gib']:.1f}" if "max_peak_allocated_gib" in r else "-",
+            f"{r['plan_gib']['peak']:.1f}" if "plan_gib" in r else "-",
+            *(f"{m[k]:.2f}" if k in m else "-" for k in ("rollout_s", "update_s", "step_s")),
+            ("OOM: " + r["oom"][:60]) if "oom" in r else r["shapes"] if r["shapes"] != "exact" else ""))
+    lines += ["", "Times are means over the steps after the first; peak is the maximum over all steps."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=tuple(RUNS), default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--answer-tokens", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--master-weights", action="store_true",
+                    help="fp32 master weights (optim.master_weights): what lr 1e-6 on bf16 weights needs; +4 B/param")
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "auto", "flash_attention_2", "eager"),
+                    help="attention of the language model (auto: flash-attention-2 when importable, as the engine)")
+    ap.add_argument("--smoke", action="store_true", help="scaled-down shapes, CPU allowed: checks the script only")
+    ap.add_argument("--run-dir", default="/tmp/pairuni_bench_7b")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("train_one_gpu: no CUDA device; use --smoke to check the script on CPU", file=sys.stderr)
+        return 2
+    env = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda"
+           else None}
+    results = []
+    for name, g in RUNS.items():
+        if args.only and name != args.only:
+            continue
+        results.append(run_one(name, g, args, device))
+    tag = ("smoke" if args.smoke else device.type) + ("_master" if args.master_weights else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"train_one_gpu_{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    (out / f"train_one_gpu_{tag}.md").write_text(markdown(results, env))
+    print(markdown(results, env))
+    if os.environ.get("OUT"):
+        for ext in ("json", "md"):
+            shutil.copy(out / f"train_one_gpu_{tag}.{ext}", Path(os.environ["OUT"]) / f"train_one_gpu_{tag}.{ext}")
+    return 0 if all("oom" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
