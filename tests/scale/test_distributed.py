@@ -35,9 +35,17 @@ def overrides(world_dir: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
 
 
+# A free port found by binding port 0 can be taken by another process before rank 0 listens on it;
+# only that rendezvous failure is retried (with a new port), never a wrong result.
+_RENDEZVOUS_ERRORS = ("EADDRINUSE", "Address already in use", "DistNetworkError", "Connection refused")
+
+
 def run(world: int, out: Path, args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, str(WORKER), "--world", str(world), "--out", str(out), "--", *args],
-                          capture_output=True, text=True, timeout=300)
+    for attempt in range(3):
+        proc = subprocess.run([sys.executable, str(WORKER), "--world", str(world), "--out", str(out), "--", *args],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or not any(e in proc.stderr for e in _RENDEZVOUS_ERRORS):
+            break
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
