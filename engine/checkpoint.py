@@ -151,6 +151,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, ext
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return publish_checkpoint(tmp, final, root, keep)
+
+
+def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> Path:
+    """Make a fully written (and fsynced) checkpoint folder `tmp` visible atomically as `final`,
+    point `root/latest` at it, and delete all but the `keep` newest `step_*` folders (keep <= 0: none)."""
     if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)

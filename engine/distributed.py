@@ -273,7 +273,7 @@ def save_sharded(run_dir: str | os.PathLike, step: int, root: nn.Module, optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .checkpoint import LATEST, _fsync_dir, rng_state
+    from .checkpoint import _fsync_dir, publish_checkpoint, rng_state
 
     env = current()
     root_dir = Path(run_dir) / "checkpoints"
@@ -298,16 +298,7 @@ def save_sharded(run_dir: str | os.PathLike, step: int, root: nn.Module, optimiz
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        pointer = root_dir / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root_dir / LATEST)
-        _fsync_dir(root_dir)
-        ckpts = sorted(p for p in root_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in ckpts[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, root_dir, keep)
     _barrier(env)
     return final
 
