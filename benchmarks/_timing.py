@@ -44,12 +44,17 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int
     return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8)}
 
 
-def copy_bandwidth_gbps(nbytes: int, device: str) -> float:
-    """Measured device-to-device copy bandwidth (bytes read + bytes written) for a buffer of `nbytes`."""
-    src = torch.empty(max(nbytes // 2, 1 << 20), dtype=torch.uint8, device=device).random_(0, 255)
+def copy_ms(nbytes: int, device: str) -> float:
+    """Median time of copying a buffer of `nbytes` (it moves 2 * nbytes: read + write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    t = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)["median_ms"]
-    return 2 * src.numel() / (t * 1e-3) / 1e9
+    return time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)["median_ms"]
+
+
+def copy_bandwidth_gbps(nbytes: int, device: str) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + bytes written) when moving `nbytes` in all."""
+    half = max(nbytes // 2, 1 << 20)
+    return 2 * half / (copy_ms(half, device) * 1e-3) / 1e9
 
 
 def peak_cuda_mb(fn: Callable[[], object]) -> float:

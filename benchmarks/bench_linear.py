@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import time_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -118,18 +119,6 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _cuda_time_ms(fn, iters: int) -> float:
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        start[i].record()
-        fn()
-        end[i].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
-    return times[len(times) // 2]
-
-
 def run_case(impl, n, t, h, v, device) -> dict:
     mb = 1 / 2 ** 20
     grads_mb = (n * t * h + v * h) * DTYPE.itemsize * mb
@@ -146,7 +135,7 @@ def run_case(impl, n, t, h, v, device) -> dict:
                 torch.mm(gl, w)
                 torch.mm(gl.t(), a)
             three()
-            row["time_ms"] = _cuda_time_ms(three, 10)
+            row["time_ms"] = time_ms(three, "cuda", warmup=0, reps=10)["median_ms"]
             return row
         args = _inputs(n, t, h, v, device)
         step = _make_step(impl, device)
@@ -158,7 +147,7 @@ def run_case(impl, n, t, h, v, device) -> dict:
         step(*args)
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) * mb
-        row["time_ms"] = _cuda_time_ms(lambda: step(*args), 10)
+        row["time_ms"] = time_ms(lambda: step(*args), "cuda", warmup=0, reps=10)["median_ms"]
     else:
         step = _make_step(impl, device)
         # warm-up (lazy initialisation, compilation) on a smaller batch with the same T, H, V; its

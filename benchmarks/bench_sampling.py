@@ -23,7 +23,7 @@ Run: python benchmarks/run_all.py --only sampling [--quick] [--device cpu|cuda]
 from __future__ import annotations
 
 import torch
-from _timing import time_ms
+from _timing import copy_ms, time_ms
 
 from pairuni_kernels import reference
 from pairuni_kernels._ext import has_extension
@@ -102,12 +102,6 @@ def graph_step_fn(logits: torch.Tensor, seeds: torch.Tensor):
     with torch.cuda.graph(graph):
         body()
     return graph.replay
-
-
-def copy_ms(nbytes: int, device: str) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    return time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)["median_ms"]
 
 
 def implementations(blocked: torch.Tensor, batch: int, device: str, processors) -> dict:

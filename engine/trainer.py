@@ -36,6 +36,7 @@ from . import distributed as D
 from . import model as M
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
+from .data import default_pairs_path
 from .rewards import RewardInput, build_reward
 from .rollout import (
     generation_head_input,
@@ -61,12 +62,6 @@ def _linear_logprobs():
 
 
 # ----------------------------------------------------------------------------- data
-def default_pairs_path() -> str:
-    from engine.data import default_pairs_path as bundled
-
-    return str(bundled())
-
-
 def load_pairs(cfg: Config):
     """Read and check the pairs (and that every image file exists) before any model loads.
 
@@ -75,7 +70,7 @@ def load_pairs(cfg: Config):
     from engine.data import read_pairs, resolve_image_path
 
     try:
-        path = cfg.data.pairs_path or default_pairs_path()
+        path = cfg.data.pairs_path or str(default_pairs_path())
         pairs = read_pairs(path)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"data.pairs_path: {exc}") from None
