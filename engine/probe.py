@@ -140,7 +140,7 @@ def task_gradient(trainer, task: str, batch, params: list[torch.Tensor]) -> tupl
     try:
         for c in chunks:
             out = trainer._task_loss(trainer.model, task, batch, c)
-            share = _chunk_weight(mode, full[c], full)
+            share = float(_chunk_weight(mode, full[c], full))
             for acc, g in zip(grads, torch.autograd.grad(share * out.loss, params, allow_unused=True)):
                 if g is not None:
                     acc.add_(g.float())

@@ -211,15 +211,16 @@ def build_optimizer(params, cfg: Config, device: torch.device):
 
 
 def _chunk_weight(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor,
-                  full_den: torch.Tensor | None = None) -> float:
-    """Factor that turns a micro-batch's aggregated loss into its share of the full batch's loss.
+                  full_den: torch.Tensor | None = None) -> torch.Tensor:
+    """Factor (0-d float32 tensor, no host sync) that turns a micro-batch's aggregated loss into its
+    share of the full batch's loss.
 
     full_den: the full batch's `loss_denominator` when it is not `full_mask`'s own (data-parallel
     ranks pass the all-reduced global one).
     """
     if full_den is None:
         full_den = loss_denominator(full_mask, mode)
-    return float(loss_denominator(chunk_mask, mode).clamp(min=1) / full_den.clamp(min=1))
+    return loss_denominator(chunk_mask, mode).clamp(min=1) / full_den.clamp(min=1)
 
 
 def _cat_rollouts(parts: list):
@@ -467,16 +468,15 @@ class PairGRPOTrainer:
         for task, task_w in tasks:
             full_den = D.global_denominator(loss_denominator(full_masks[task], a.loss_agg_mode), a.loss_agg_mode,
                                             self.dist)
-            loss_sum = clip_sum = ratio_sum = kl_sum = 0.0
+            # (loss, clip_fraction, ratio_mean, kl) summed on the device: one host read per task, not per chunk
+            acc = torch.zeros(4, dtype=torch.float64, device=full_masks[task].device)
             for c in chunks:
                 out = self._call(self._task_loss, task, batch, c, refs.get((task, c.start)))
                 share = _chunk_weight(a.loss_agg_mode, full_masks[task][c], full_masks[task], full_den)
                 (task_w * share * out.loss).backward()
-                loss_sum += share * float(out.loss.detach())
-                clip_sum += share * float(out.clip_fraction.detach())
-                ratio_sum += share * float(out.ratio_mean.detach())
-                kl_sum += share * float(out.kl.detach())
-            sums[task] = (loss_sum, clip_sum, ratio_sum, kl_sum)
+                parts = torch.stack([out.loss, out.clip_fraction, out.ratio_mean, out.kl]).detach()
+                acc += share.double() * parts.double()
+            sums[task] = tuple(acc.tolist())
         if self.dist is not None:
             keys = list(sums)
             total = D.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), self.dist)
