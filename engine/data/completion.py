@@ -410,7 +410,8 @@ def complete_sample(sample: Sample, client: ChatClient, data_root: Path, max_att
                 return Outcome("error", sample, reason=f"image not found: {image}")
             for attempt in range(1, max_attempts + 1):
                 caption = client.chat(caption_messages(sample, image_url, feedback)).strip().strip('"').strip()
-                failure = "the caption is empty" if not caption else _verify(client, caption, sample.question, sample.answer.strip())
+                failure = ("the caption is empty" if not caption
+                           else _verify(client, caption, sample.question, sample.answer.strip()))
                 if failure is None:
                     sample.prompt = caption
                     return Outcome("completed", sample, attempts=attempt)

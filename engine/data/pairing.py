@@ -507,8 +507,10 @@ def build_pairs(understand_path: str | os.PathLike, generate_path: str | os.Path
                 yield resolve_image_path(s.image_path, root)
 
         if modality == "text":
-            u_emb = encode_stream(embedder, texts(u_file), len(u_file), batch_size=batch_size, desc="embed understand", progress=progress)
-            g_emb = encode_stream(embedder, texts(g_file), len(g_file), batch_size=batch_size, desc="embed generate", progress=progress)
+            u_emb = encode_stream(embedder, texts(u_file), len(u_file), batch_size=batch_size, desc="embed understand",
+                                  progress=progress)
+            g_emb = encode_stream(embedder, texts(g_file), len(g_file), batch_size=batch_size, desc="embed generate",
+                                  progress=progress)
         else:
             u_emb = encode_stream(embedder, images(u_file, u_root), len(u_file), batch_size=batch_size, load=load_rgb,
                                   desc="embed understand", progress=progress)

@@ -157,7 +157,8 @@ def question_for(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[st
         stem = f"What color {'is the ' + scene.shape if scene.count == 1 else 'are the ' + _plural(scene.shape, 2)} in the image?"
         truth, pool = scene.color, list(COLORS)
     elif qtype == "shape":
-        stem = f"What shape {'is' if scene.count == 1 else 'are'} the {scene.color} object{'' if scene.count == 1 else 's'} in the image?"
+        one = scene.count == 1
+        stem = f"What shape {'is' if one else 'are'} the {scene.color} object{'' if one else 's'} in the image?"
         truth, pool = scene.shape, list(SHAPES)
     elif qtype == "count":
         stem = f"How many {scene.color} {_plural(scene.shape, 2)} are in the image?"

@@ -69,8 +69,10 @@ def test_iter_pairs_streams_and_names_the_bad_line(tmp_path):
     ({"similarity": 1.5, "generate_ann": _ann("g"), "understand_ann": _ann("u")}, r"similarity.*\[0, 1\]"),
     ({"similarity": True, "generate_ann": _ann("g"), "understand_ann": _ann("u")}, "similarity"),
     ({"generate_ann": _ann("g"), "understand_ann": _ann("u")}, "missing field 'similarity'"),
-    ({"similarity": 0.5, "generate_ann": {"prompt": "x"}, "understand_ann": _ann("u")}, r"generate_ann: missing field 'image_path'"),
-    ({"similarity": 0.5, "generate_ann": _ann("g", prompt=3), "understand_ann": _ann("u")}, r"generate_ann\.prompt: expected a string"),
+    ({"similarity": 0.5, "generate_ann": {"prompt": "x"}, "understand_ann": _ann("u")},
+     r"generate_ann: missing field 'image_path'"),
+    ({"similarity": 0.5, "generate_ann": _ann("g", prompt=3), "understand_ann": _ann("u")},
+     r"generate_ann\.prompt: expected a string"),
     ({"similarity": 0.5, "kind": "random", "generate_ann": _ann("g"), "understand_ann": _ann("u")}, "kind"),
 ])
 def test_pair_from_record_rejects_bad_records(record, message):

@@ -45,14 +45,16 @@ def test_clean_file_is_ok(root):
 BAD_LINES = {
     "malformed JSON": ('{"similarity": 0.7, "generate_ann": ', "", "malformed JSON"),
     "not an object": ("[1, 2]", "", "expected a JSON object"),
-    "missing similarity": (json.dumps({"generate_ann": ann("g.png"), "understand_ann": ann("u2.png")}), "similarity", "missing field"),
+    "missing similarity": (json.dumps({"generate_ann": ann("g.png"), "understand_ann": ann("u2.png")}), "similarity",
+                           "missing field"),
     "missing generate_ann": (json.dumps({"similarity": 0.7, "understand_ann": ann("u2.png")}), "generate_ann", "missing field"),
     "missing half field": (line(u=ann("u2.png"), g={k: v for k, v in ann("g2.png").items() if k != "tag"}),
                            "generate_ann.tag", "missing field"),
     "similarity above 1": (line(1.2, u=ann("u2.png")), "similarity", "outside [0, 1]"),
     "similarity below 0": (line(-0.1, u=ann("u2.png")), "similarity", "outside [0, 1]"),
     "similarity not a number": (line("0.7", u=ann("u2.png")), "similarity", "expected a number"),
-    "similarity NaN": (f'{{"similarity": NaN, "generate_ann": {json.dumps(ann("g.png"))}, "understand_ann": {json.dumps(ann("u2.png"))}}}',
+    "similarity NaN": (f'{{"similarity": NaN, "generate_ann": {json.dumps(ann("g.png"))}, '
+                       f'"understand_ann": {json.dumps(ann("u2.png"))}}}',
                        "similarity", "outside [0, 1]"),
     "empty question": (line(u=ann("u2.png", question="  ")), "understand_ann.question", "empty"),
     "empty answer": (line(u=ann("u2.png", answer="")), "understand_ann.answer", "empty"),
