@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# (model, group size) pairs of issue 7: 7B with the paper's G=4, 1B with G=8
+# (model, group size): 7B with the paper's G=4, 1B with G=8
 RUNS = {"janus-pro-7b": 4, "janus-pro-1b": 8}
 SMOKE_SHAPES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                     num_key_value_heads=4)
@@ -74,12 +74,13 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, text_overri
 
 def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
     from engine import plan
-    from engine.config import load_config
-    from engine.data import read_pairs
+    from engine.build import assemble
+    from engine.config import load_config, validated_pairs
+    from engine.data import default_pairs_path, read_pairs
     from engine.janus_shapes import parameter_counts
     from engine.model import image_token_count
     from engine.text import ToyPrompts, ToyTokenizer
-    from engine.trainer import PairGRPOTrainer, default_pairs_path, load_pairs
+    from engine.trainer import PairGRPOTrainer
 
     overrides = [f"rollout.group_size={group_size}", "data.pairs_per_step=1", "data.max_pairs=null",
                  f"rollout.max_new_tokens={args.answer_tokens}", "model.dtype=bfloat16",
@@ -88,7 +89,7 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
                  f"optim.master_weights={str(args.master_weights).lower()}", "reward.generation=toyworld",
                  f"train.device={device.type}", "train.progress=false", f"train.run_dir={args.run_dir}/{name}"]
     cfg = load_config(None, overrides)
-    pairs, root = load_pairs(cfg)
+    pairs, root = validated_pairs(cfg)
     texts = [t for p in read_pairs(default_pairs_path()) for t in (p.understand.question, p.understand.answer,
                                                                    p.generate.prompt)]
     tok = ToyTokenizer.from_texts(texts)
@@ -101,12 +102,12 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
     build_s = time.perf_counter() - t0
     vis = model.config.vision_config
     prompts = ToyPrompts(tok, image_size=vis.image_size, num_image_tokens=vis.num_image_tokens)
-    trainer = PairGRPOTrainer(cfg, model, prompts, pairs, root, tokenizer_json=tok.to_json())
+    trainer = PairGRPOTrainer(cfg, assemble(cfg, model, prompts, pairs, root, tokenizer_json=tok.to_json()))
     counts = parameter_counts(model.config)
     result = {"model": name, "shapes": "exact" if not shapes else f"smoke {shapes}", "group_size": group_size,
               "pairs_per_step": 1, "image_tokens": image_token_count(model), "answer_tokens": args.answer_tokens,
               "micro_batch": args.micro_batch, "attention": attn, "dtype": "bfloat16",
-              "optimizer": type(trainer.optimizer).__name__, "gradient_checkpointing": True,
+              "optimizer": type(trainer.optimizer.inner).__name__, "gradient_checkpointing": True,
               "master_weights": args.master_weights,
               "parameters": sum(counts.values()), "build_s": build_s, "steps": []}
     if device.type == "cuda":

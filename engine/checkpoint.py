@@ -1,14 +1,22 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic checkpoints and exact resume, single-process and sharded (torchrun + FSDP2).
 
-A checkpoint is a directory `run_dir/checkpoints/step_000123/` holding
+    checkpoints = Checkpointer(run_dir, model, optimizer, fsdp_root)   # fsdp_root None: one process
+    path = checkpoints.save(step, extra)        # collective under torchrun
+    state = checkpoints.load(path)              # state.json's content
+
+A checkpoint is a directory `run_dir/checkpoints/step_000123/`. A single process writes
 
     policy.safetensors     the trainable parameters (frozen ones come from the base model)
     optimizer.safetensors  every tensor of the optimizer state (8-bit states, quantisation maps, ...)
     master.safetensors     fp32 master weights, when the run keeps them (optim.master_weights)
     state.json             step, the optimizer's non-tensor state, RNG states, data cursor, extras
 
-It is written into a temporary sibling directory and renamed into place, then `latest` (a text
-file naming it) is replaced atomically: a crash leaves the previous checkpoint intact.
+a torchrun run writes `torch.distributed.checkpoint` (DCP) files instead of the safetensors
+(every rank its shards of the trainable parameters and optimizer state; `.metadata` marks the
+format; `set_state_dict` reshards on load, so a run resumes on any world size) and a state.json
+with `"format": "dcp"`. `_write_checkpoint` is the one writer of this layout for both: files go
+into a temporary sibling directory, which is renamed into place, then `latest` (a text file
+naming it) is replaced atomically: a crash leaves the previous checkpoint intact.
 Resuming restores parameters, optimizer state, RNG states and the data cursor, so a run
 interrupted at step k and resumed computes exactly what the uninterrupted run would.
 """
@@ -25,7 +33,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
+
 LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+#: Marker file of a sharded checkpoint (torch.distributed.checkpoint metadata).
+DCP_METADATA = ".metadata"
 _SEEN: dict[int, set] = {}  # storages already written, per tensors dict being filled
 
 
@@ -123,38 +137,59 @@ def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def _write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, state: dict, *, keep: int,
+                      env: distributed.DistEnv | None = None) -> Path:
+    """The one writer of the checkpoint layout: `write_files(tmp)` fills a temporary directory (on
+    every rank of `env`), rank 0 adds state.json, fsyncs and publishes it as `step_N`. Returns its path."""
+    main = env is None or env.is_main
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:06d}"
+    # ranks of one job must agree on the name; a single process adds its pid
+    tmp = root / (f".tmp_step_{step:06d}" + ("" if env is not None else f"_{os.getpid()}"))
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    distributed.barrier(env)
+    try:
+        write_files(tmp)
+        distributed.barrier(env)
+        if main:
+            with open(tmp / STATE, "w") as fh:
+                json.dump({"step": step, **state}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+    except BaseException:
+        if env is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main:
+        _publish(tmp, final, root, keep)
+    distributed.barrier(env)
+    return final
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, extra: dict, *, keep: int = 2,
                     master: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path.
+    """Write single-process checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path.
 
     master: {parameter name: fp32 master weight} to store beside the model's (lower-precision) weights.
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
+    rng_js, rng_tensors = rng_state()
+
+    def write(tmp: Path) -> None:
         save_file(trainable_state(model), str(tmp / "policy.safetensors"))
         if master is not None:
             save_file({n: t.detach().contiguous().cpu() for n, t in master.items()}, str(tmp / "master.safetensors"))
-        opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
-        rng_js, rng_tensors = rng_state()
         save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
-        with open(tmp / "state.json", "w") as fh:
-            json.dump({"step": step, "optimizer": opt_plain, "rng": rng_js, **extra}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish_checkpoint(tmp, final, root, keep)
+
+    return _write_checkpoint(run_dir, step, write, {"optimizer": opt_plain, "rng": rng_js, **extra}, keep=keep)
 
 
-def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> Path:
+def _publish(tmp: Path, final: Path, root: Path, keep: int) -> Path:
     """Make a fully written (and fsynced) checkpoint folder `tmp` visible atomically as `final`,
     point `root/latest` at it, and delete all but the `keep` newest `step_*` folders (keep <= 0: none)."""
     if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
@@ -171,12 +206,24 @@ def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> Path:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
+    """The checkpoint `latest` names in `run_dir`, or None when there is none."""
+    root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    return path if (path / STATE).is_file() else None
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """state.json of checkpoint `path`: step, data cursor, config, tokenizer and the other extras."""
+    with open(Path(path) / STATE) as fh:
+        return json.load(fh)
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """True for a checkpoint written by a torchrun run (DCP shards), False for a single-process one."""
+    return (Path(path) / DCP_METADATA).is_file()
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[str, torch.Tensor] | None = None) -> dict:
@@ -186,8 +233,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[s
     written without them, from the stored weights).
     """
     path = Path(path)
-    with open(path / "state.json") as fh:
-        state = json.load(fh)
+    state = read_state(path)
     params = load_file(str(path / "policy.safetensors"))
     named = dict(model.named_parameters())
     missing = [n for n, p in named.items() if p.requires_grad and n not in params]
@@ -208,3 +254,84 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[s
     optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
     set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
     return state
+
+
+# ----------------------------------------------------------------------------- sharded (torchrun + FSDP2)
+def _dcp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # strict=False: only trainable parameters are stored; frozen ones come from the base model
+    return StateDictOptions(strict=False)
+
+
+def _trainable_model_state(root, optimizer) -> tuple[dict, dict]:
+    """(trainable parameters, optimizer state) of the FSDP2 `root` as DCP state dicts of this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(root, optimizer, options=_dcp_options())
+    # get_state_dict's keys are parameter names without wrapper prefixes (torch's checkpoint_wrapper adds one)
+    names = {n.replace("_checkpoint_wrapped_module.", "") for n, p in root.named_parameters() if p.requires_grad}
+    model_sd = {k: v for k, v in model_sd.items() if k in names}
+    if not model_sd:
+        raise RuntimeError("save_sharded: no trainable parameter found in the model state dict")
+    return model_sd, optim_sd
+
+
+def save_sharded(run_dir: str | os.PathLike, step: int, root, optimizer, extra: dict, *, keep: int = 2) -> Path:
+    """Every rank writes its shards of the trainable parameters and optimizer state with DCP; rank 0
+    writes state.json and publishes. Collective: every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+
+    env = distributed.current()
+    rng_js, _ = rng_state()  # rollouts draw from explicit per-row seeds; the python/numpy RNGs are kept
+
+    def write(tmp: Path) -> None:
+        model_sd, optim_sd = _trainable_model_state(root, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+
+    state = {"format": "dcp", "world_size": env.world_size if env else 1, "rng": rng_js, **extra}
+    return _write_checkpoint(run_dir, step, write, state, keep=keep, env=env)
+
+
+def load_sharded(path: str | os.PathLike, root, optimizer) -> dict:
+    """Load a `save_sharded` checkpoint written by any world size into this rank's shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    if not is_sharded(path):
+        raise ValueError(f"checkpoint {path}: not a sharded (torch.distributed.checkpoint) checkpoint; "
+                         "a single-process checkpoint (policy.safetensors) resumes in a single process")
+    state = read_state(path)
+    model_sd, optim_sd = _trainable_model_state(root, optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(root, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=_dcp_options())
+    return state
+
+
+# ----------------------------------------------------------------------------- the trainer's handle
+class Checkpointer:
+    """Save and load the checkpoints of one run, single-process or sharded, behind one interface.
+
+    optimizer: an `engine.optim.PolicyOptimizer` (its fp32 masters are saved when it keeps them).
+    fsdp_root: the FSDP2 root under torchrun (checkpoints are then DCP shards), else None.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, model, optimizer, fsdp_root=None, *, keep: int = 2):
+        self.run_dir, self.model, self.optimizer, self.fsdp_root, self.keep = Path(run_dir), model, optimizer, fsdp_root, keep
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
+
+    def save(self, step: int, extra: dict) -> Path:
+        if self.fsdp_root is not None:
+            return save_sharded(self.run_dir, step, self.fsdp_root, self.optimizer.inner, extra, keep=self.keep)
+        return save_checkpoint(self.run_dir, step, self.model, self.optimizer.inner, extra, keep=self.keep,
+                               master=self.optimizer.master_state())
+
+    def load(self, path: str | os.PathLike) -> dict:
+        if self.fsdp_root is not None:
+            return load_sharded(path, self.fsdp_root, self.optimizer.inner)
+        return load_checkpoint(path, self.model, self.optimizer.inner, master=self.optimizer.master_state())

@@ -17,15 +17,21 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .model import DTYPES, TRAINABLE_MODULE_NAMES
+from pairuni_kernels.reference import KL_ESTIMATORS, LOSS_AGG_MODES
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-GENERATION_REWARDS = ("toyworld", "clip", "hpsv2", "pair_qa")
-UNDERSTANDING_REWARDS = ("accuracy",)
+from . import checkpoint, distributed, rewards
+from .data import default_pairs_path
+from .data.sampler import read_training_pairs
+from .model import ATTN_IMPLEMENTATIONS, DEFAULT_TRAIN_MODULES, DTYPES, TRAINABLE_MODULE_NAMES
+from .optim import OPTIMIZERS
+from .policy import IMAGE_LOGPROBS
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range; the message names the key."""
+    """A configuration value is missing, of the wrong type or out of range; the message names the key.
+
+    Raised only from this module: `load_config` / `validate` (values, files, the launch, the
+    checkpoint to resume) and `validated_pairs` (the data the rewards will read)."""
 
 
 @dataclass
@@ -38,8 +44,7 @@ class ModelConfig:
     """auto (flash_attention_2 when flash-attn imports, else sdpa) | sdpa | eager | flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory (needed for 7B on one GPU)."""
-    train_modules: list[str] = field(
-        default_factory=lambda: ["language_model", "aligner", "generation_aligner", "generation_head", "lm_head"])
+    train_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_MODULES))
     """Modules that train; everything else (vision encoder, VQ model, generation embeddings) is frozen."""
     tiny_seed: int = 0
     """Initialisation seed of the tiny random Janus (used only when path is None)."""
@@ -89,9 +94,9 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     understanding: str = "accuracy"
-    """Reward of understanding answers (registry name in engine/rewards.py)."""
+    """Reward of understanding answers (a name in engine/rewards.py's registry: accuracy)."""
     generation: str = "toyworld"
-    """Reward of generated images: toyworld | clip | hpsv2 | pair_qa."""
+    """Reward of generated images (a name in engine/rewards.py's registry: toyworld | clip | hpsv2 | pair_qa)."""
     clip_path: str | None = None
     """Local directory of a transformers CLIP model (generation=clip)."""
     hpsv2_path: str | None = None
@@ -125,7 +130,7 @@ class AlgoConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adamw8bit"
-    """adamw8bit (bitsandbytes; paged on CUDA) | adamw (torch)."""
+    """adamw8bit (bitsandbytes) | adamw (torch); see engine/optim.py."""
     lr: float = 1e-2
     """Learning rate (PairUni: 1e-6 on Janus-Pro; the tiny random demo model needs 1e-2)."""
     weight_decay: float = 0.0
@@ -313,8 +318,8 @@ def validate(cfg: Config) -> None:
     m, d, r, w, a, o, t = cfg.model, cfg.data, cfg.rollout, cfg.reward, cfg.algo, cfg.optim, cfg.train
     _check(m.path is None or os.path.isdir(m.path), "model.path", "an existing local directory (nothing is downloaded)", m.path)
     _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
-    _check(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
-           "auto | sdpa | eager | flash_attention_2", m.attn_implementation)
+    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           " | ".join(ATTN_IMPLEMENTATIONS), m.attn_implementation)
     bad = [n for n in m.train_modules if n not in TRAINABLE_MODULE_NAMES]
     _check(not bad, "model.train_modules", f"names from {TRAINABLE_MODULE_NAMES}", m.train_modules)
     _check(d.pairs_path is None or os.path.isfile(d.pairs_path), "data.pairs_path", "an existing JSONL file", d.pairs_path)
@@ -329,32 +334,35 @@ def validate(cfg: Config) -> None:
     _check(r.image_top_k >= 0, "rollout.image_top_k", "an integer >= 0", r.image_top_k)
     _check(0 < r.image_top_p <= 1, "rollout.image_top_p", "a number in (0, 1]", r.image_top_p)
     _check(r.max_batch >= 0, "rollout.max_batch", "an integer >= 0", r.max_batch)
-    _check(r.image_logprob in ("cond", "cfg"), "rollout.image_logprob", "cond | cfg", r.image_logprob)
+    _check(r.image_logprob in IMAGE_LOGPROBS, "rollout.image_logprob", " | ".join(IMAGE_LOGPROBS), r.image_logprob)
     if r.image_logprob == "cfg":
         _check(r.image_top_k == 0 and r.image_top_p == 1.0, "rollout.image_logprob",
                "cond when top-k/top-p is on (the trainer scores the untruncated guided distribution)", r.image_logprob)
-    _check(w.understanding in UNDERSTANDING_REWARDS, "reward.understanding", f"one of {UNDERSTANDING_REWARDS}", w.understanding)
-    _check(w.generation in GENERATION_REWARDS, "reward.generation", f"one of {GENERATION_REWARDS}", w.generation)
-    if w.generation == "clip":
-        _check(w.clip_path is not None and os.path.isdir(w.clip_path), "reward.clip_path",
-               "a local CLIP model directory (reward.generation=clip)", w.clip_path)
-    if w.generation == "hpsv2":
-        _check(w.hpsv2_path is not None and os.path.isfile(w.hpsv2_path), "reward.hpsv2_path",
-               "an HPSv2 checkpoint file (reward.generation=hpsv2)", w.hpsv2_path)
-    if w.generation == "toyworld" or d.pairs_path is None:
-        _check(r.decode_images or w.generation == "pair_qa", "rollout.decode_images", "true (pixel rewards need images)",
-               r.decode_images)
+    for task in rewards.TASKS:
+        name = getattr(w, task)
+        names = rewards.reward_names(task)
+        _check(name in names, f"reward.{task}", f"one of {names}", name)
+        needs = rewards.reward_needs(name)
+        if needs.images:
+            _check(r.decode_images, "rollout.decode_images", f"true (reward.{task}={name} reads decoded images)",
+                   r.decode_images)
+        if needs.path is not None:
+            key, kind = needs.path
+            value = getattr(w, key)
+            exists = os.path.isdir if kind == "dir" else os.path.isfile
+            what = "a local CLIP model directory" if kind == "dir" else "a local checkpoint file"
+            _check(value is not None and exists(value), f"reward.{key}", f"{what} (reward.{task}={name})", value)
     _check(0 <= a.epsilon_low <= 1, "algo.epsilon_low", "a number in [0, 1]", a.epsilon_low)
     _check(a.epsilon_high >= 0, "algo.epsilon_high", "a number >= 0", a.epsilon_high)
     _check(a.beta >= 0, "algo.beta", "a number >= 0", a.beta)
-    _check(a.kl_estimator in ("k1", "k2", "k3"), "algo.kl_estimator", "k1 | k2 | k3", a.kl_estimator)
+    _check(a.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", " | ".join(KL_ESTIMATORS), a.kl_estimator)
     _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"one of {LOSS_AGG_MODES}", a.loss_agg_mode)
     _check(a.mu >= 1, "algo.mu", "an integer >= 1", a.mu)
     _check(a.advantage_eps >= 0, "algo.advantage_eps", "a number >= 0", a.advantage_eps)
     _check(a.understanding_weight >= 0 and a.generation_weight >= 0 and a.understanding_weight + a.generation_weight > 0,
            "algo.understanding_weight/generation_weight", "weights >= 0, not both 0",
            (a.understanding_weight, a.generation_weight))
-    _check(o.optimizer in ("adamw8bit", "adamw"), "optim.optimizer", "adamw8bit | adamw", o.optimizer)
+    _check(o.optimizer in OPTIMIZERS, "optim.optimizer", " | ".join(OPTIMIZERS), o.optimizer)
     _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
@@ -369,6 +377,60 @@ def validate(cfg: Config) -> None:
         _check(value is None or value in DTYPES, f"distributed.{key}", f"null or one of {tuple(DTYPES)}", value)
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
            "auto | cpu | cuda | cuda:N", t.device)
+    _validate_launch(cfg)
+    _validate_resume(cfg)
+
+
+def _validate_launch(cfg: Config) -> None:
+    """What a torchrun (FSDP2) launch cannot do; checked before the process group starts."""
+    world = distributed.torchrun_world_size()
+    if world is None:
+        return
+    _check(cfg.optim.optimizer != "adamw8bit", "optim.optimizer",
+           "adamw under torchrun (bitsandbytes cannot step FSDP2's DTensor parameters; adamw's fp32 state is "
+           "sharded over the ranks)", cfg.optim.optimizer)
+    _check(not cfg.optim.master_weights or cfg.model.dtype == "float32", "optim.master_weights",
+           "false under torchrun with bf16/fp16 weights (use model.dtype=float32 with distributed.param_dtype=bfloat16: "
+           "the fp32 shards are the master weights)", cfg.optim.master_weights)
+    _check(cfg.data.pairs_per_step % world == 0, "data.pairs_per_step",
+           f"a multiple of the {world} ranks (every rank holds whole pairs)", cfg.data.pairs_per_step)
+
+
+def _validate_resume(cfg: Config) -> None:
+    if not cfg.train.resume:
+        return
+    latest = checkpoint.latest_checkpoint(cfg.train.run_dir)
+    if latest is None:
+        return
+    sharded = checkpoint.is_sharded(latest)
+    _check(not sharded or distributed.torchrun_world_size() is not None, "train.resume",
+           f"a torchrun launch to resume {latest} (written by a torchrun run; any number of processes works, "
+           "--nproc_per_node 1 included)", cfg.train.resume)
+    _check(sharded or distributed.torchrun_world_size() is None, "train.resume",
+           f"a single process to resume {latest} (a single-process checkpoint)", cfg.train.resume)
+
+
+def _half(pair, task: str):
+    return pair.understand if task == "understanding" else pair.generate
+
+
+def validated_pairs(cfg: Config):
+    """(pairs, image root) of `cfg.data`, each pair checked for what the rollouts and both rewards read.
+
+    Reads only the pairs file and checks image files exist: call it before any model loads.
+    """
+    path = cfg.data.pairs_path or str(default_pairs_path())
+    names = [cfg.reward.understanding, cfg.reward.generation]
+    checks = [lambda pair, name=name: rewards.check_sample(name, _half(pair, rewards.reward_needs(name).task))
+              for name in names]
+    try:
+        pairs, root = read_training_pairs(path, max_pairs=cfg.data.max_pairs, image_root=cfg.data.image_root,
+                                          checks=checks)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"data.pairs_path: {exc}") from None
+    _check(len(pairs) >= cfg.data.pairs_per_step, "data.pairs_per_step", f"at most the {len(pairs)} pairs in {path}",
+           cfg.data.pairs_per_step)
+    return pairs, root
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,9 +1,9 @@
-"""Multi-process training: `torchrun` launch, FSDP2 sharding, data-parallel pairs, sharded checkpoints.
+"""Multi-process training: `torchrun` launch, FSDP2 sharding, data-parallel pairs, collectives.
 
     torchrun --nproc_per_node 8 -m engine.train_cli --config configs/janus_pro_7b_fsdp.yaml
 
-`PairGRPOTrainer.from_config` calls `init_from_env()`; when `torchrun` set `WORLD_SIZE`, the
-process group starts (nccl on CUDA, gloo on CPU) and the trainer shards its model with
+`engine.build.build_components` calls `init_from_env()`; when `torchrun` set `WORLD_SIZE`, the
+process group starts (nccl on CUDA, gloo on CPU) and construction shards the model with
 `shard_model`. What each piece does:
 
 - Sharding: `fully_shard` on every decoder layer of the language model, then on `FSDPRoot`, a
@@ -24,31 +24,24 @@ process group starts (nccl on CUDA, gloo on CPU) and the trainer shards its mode
 - Loss: each task's loss is normalised by the GLOBAL denominator (`loss_denominator` of the full
   batch, all-reduced), so the summed gradient equals the single-process one. FSDP divides
   reduced gradients by the world size; `shard_model` sets that factor to 1 instead.
-- Checkpoints: `save_sharded` / `load_sharded` use `torch.distributed.checkpoint` (each rank
-  writes its shards; `set_state_dict` reshards on load), so a run resumes on any world size.
-  Only trainable parameters are written (frozen ones come from the base model), plus state.json
-  (step, data cursor, extras) from rank 0. Written to a temporary directory and renamed.
+- Checkpoints: sharded (DCP) checkpoints are engine/checkpoint.py's, as single-process ones are.
 - Logging: only rank 0 writes metrics, TensorBoard, the reward curve and the progress bar.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-log = logging.getLogger("pairuni.distributed")
+from .model import DTYPES
 
-#: Marker file of a checkpoint written by `save_sharded` (torch.distributed.checkpoint metadata).
-DCP_METADATA = ".metadata"
+log = logging.getLogger("pairuni.distributed")
 
 
 @dataclass(frozen=True)
@@ -82,6 +75,25 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def torchrun_world_size() -> int | None:
+    """The number of processes torchrun started (1 included), or None outside torchrun."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else None
+
+
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """The device of `train.device` ("auto" | "cpu" | "cuda" | "cuda:N").
+
+    "auto" is CUDA when available, else the CPU. Under torchrun (`local_rank` given) a CUDA run uses
+    cuda:LOCAL_RANK, one device per process.
+    """
+    use_cuda = torch.cuda.is_available() and (spec == "auto" or spec.startswith("cuda"))
+    if local_rank is not None:
+        return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if spec == "auto":
+        return torch.device("cuda" if use_cuda else "cpu")
+    return torch.device(spec)
+
+
 def init_from_env(device: str = "auto") -> DistEnv | None:
     """Start the process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (None when absent).
 
@@ -97,14 +109,11 @@ def init_from_env(device: str = "auto") -> DistEnv | None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
-    if use_cuda:
-        dev = torch.device("cuda", local)
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     mesh = init_device_mesh(dev.type, (world,))
     _ENV = DistEnv(rank, world, local, dev, mesh)
     if not _ENV.is_main:  # rank-0-only logging: other ranks report warnings and errors only
@@ -178,8 +187,6 @@ def mixed_precision(param_dtype: str | None, reduce_dtype: str | None):
     """MixedPrecisionPolicy from dtype names (None: keep the parameters' dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from .model import DTYPES
-
     return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype] if param_dtype else None,
                                 reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None)
 
@@ -248,90 +255,12 @@ def full_tensor(x) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # strict=False: only trainable parameters are stored; frozen ones come from the base model
-    return StateDictOptions(strict=False)
-
-
-def _trainable_names(root: nn.Module, sd: dict) -> set[str]:
-    # get_state_dict's keys are parameter names without wrapper prefixes (torch's checkpoint_wrapper adds one)
-    names = {n.replace("_checkpoint_wrapped_module.", "") for n, p in root.named_parameters() if p.requires_grad}
-    keep = {k for k in sd if k in names}
-    if not keep:
-        raise RuntimeError("save_sharded: no trainable parameter found in the model state dict")
-    return keep
-
-
-def save_sharded(run_dir: str | os.PathLike, step: int, root: nn.Module, optimizer, extra: dict, *,
-                 keep: int = 2) -> Path:
-    """Every rank writes its shards of the trainable parameters and optimizer state with DCP into
-    `run_dir/checkpoints/step_N` (temporary directory, renamed by rank 0 after a barrier); rank 0
-    writes state.json and the `latest` pointer. Collective: every rank must call it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from .checkpoint import _fsync_dir, publish_checkpoint, rng_state
-
-    env = current()
-    root_dir = Path(run_dir) / "checkpoints"
-    final = root_dir / f"step_{step:06d}"
-    tmp = root_dir / f".tmp_step_{step:06d}"
-    if is_main():
-        root_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(env)
-    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options())
-    names = _trainable_names(root, model_sd)
-    model_sd = {k: v for k, v in model_sd.items() if k in names}
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _barrier(env)
-    if is_main():
-        rng_js, _ = rng_state()  # rollouts draw from explicit per-row seeds; the python/numpy RNGs are kept
-        with open(tmp / "state.json", "w") as fh:
-            json.dump({"step": step, "format": "dcp", "world_size": env.world_size if env else 1,
-                       "rng": rng_js, **extra}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        publish_checkpoint(tmp, final, root_dir, keep)
-    _barrier(env)
-    return final
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / DCP_METADATA).is_file()
-
-
-def load_sharded(path: str | os.PathLike, root: nn.Module, optimizer) -> dict:
-    """Load a `save_sharded` checkpoint written by any world size into this rank's shards."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise ValueError(f"checkpoint {path}: not a sharded (torch.distributed.checkpoint) checkpoint; "
-                         "a single-process checkpoint (policy.safetensors) resumes in a single process")
-    with open(path / "state.json") as fh:
-        state = json.load(fh)
-    model_sd, optim_sd = get_state_dict(root, optimizer, options=_options())
-    model_sd = {k: v for k, v in model_sd.items() if k in _trainable_names(root, model_sd)}
-    loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path))
-    set_state_dict(root, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
-                   options=_options())
-    return state
-
-
-def _barrier(env: DistEnv | None) -> None:
+def barrier(env: DistEnv | None) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
     if env is not None:
         dist.barrier()
 
 
-__all__ = ["DistEnv", "FSDPRoot", "all_reduce_sum", "current", "decoder_layers", "full_tensor", "global_denominator",
-           "init_from_env", "is_main", "is_sharded_checkpoint", "launched_by_torchrun", "load_sharded",
-           "local_pairs", "mixed_precision", "save_sharded", "shard_model", "shutdown", "unsharded"]
+__all__ = ["DistEnv", "FSDPRoot", "all_reduce_sum", "barrier", "current", "decoder_layers", "full_tensor",
+           "global_denominator", "init_from_env", "is_main", "launched_by_torchrun", "local_pairs", "mixed_precision",
+           "resolve_device", "shard_model", "shutdown", "torchrun_world_size", "unsharded"]

@@ -2,7 +2,7 @@
 
 Weights do not change memory or speed, so a randomly initialised model with exactly
 Janus-Pro-7B's shapes measures what a real 7B run costs without downloading anything.
-Shapes (DESIGN.md "Janus facts"): Janus-Pro-1B language model 24 layers x 2048 hidden,
+Shapes (docs/ARCHITECTURE.md "Janus facts"): Janus-Pro-1B language model 24 layers x 2048 hidden,
 Janus-Pro-7B 30 layers x 4096 hidden (LLaMA blocks, MHA), vocabulary 102400; SigLIP-L/16
 vision encoder at 384 px; VQ tokenizer with a 16384-entry codebook; 576 image tokens.
 """
@@ -34,8 +34,8 @@ def janus_pro_config(name: str, **text_overrides):
 
     if name not in JANUS_PRO_TEXT:
         raise ValueError(f"model: expected one of {MODEL_NAMES}, got {name!r}")
-    text = dict(model_type="llama", vocab_size=TEXT_VOCAB, tie_word_embeddings=False, max_position_embeddings=16384, rms_norm_eps=1e-6,
-                **JANUS_PRO_TEXT[name])
+    text = dict(model_type="llama", vocab_size=TEXT_VOCAB, tie_word_embeddings=False, max_position_embeddings=16384,
+                rms_norm_eps=1e-6, **JANUS_PRO_TEXT[name])
     text.update(text_overrides)
     hidden = text["hidden_size"]
     vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16,

@@ -26,7 +26,7 @@ Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over th
   kv_cache     image rollouts: K and V of every layer for the 2 x G [cond; uncond] rows of
                each pair on this GPU, over prompt + 576 positions (text rollouts are smaller)
 Checked against the measured peak of the engine's update step on a scaled-down model on CPU
-(tests/scale/test_plan_measured.py, within 20%). The peak is the larger of the rollout phase
+(tests/engine/test_plan_measured.py, within 20%). The peak is the larger of the rollout phase
 (weights + optimizer + master + rollout gather + KV cache) and the update phase
 (weights + grads + optimizer + master + activations + gather + loss).
 """

@@ -7,16 +7,16 @@ weights the same way, for PairUG pairs and for the same samples randomly re-pair
     result = probe_gradients(load_config(None, ["rollout.group_size=4"]), num_batches=8)
     print(result.format_table())
 
-PAIRUNI.md reports a median cosine of 0.120 (PairUG pairs) against 0.059 (random pairs)
-between the understanding gradient and the generation gradient. This module measures that
-quantity with the trainer's own rollouts, advantages and loss code:
+The PairUni paper reports (docs/PAIRUNI.md "Gradient alignment") a median cosine of 0.120
+(PairUG pairs) against 0.059 (random pairs) between the understanding gradient and the generation
+gradient. This module measures that quantity with the trainer's own rollouts, advantages and loss code:
 
 What is measured, per batch of P pairs (P = `pairs_per_batch`, default 1: one pair per measurement):
 - Rollouts and advantages: `PairGRPOTrainer.make_batch` (G answers and G images per pair, rewards,
   group-normalised advantages times the pair weights), at the current weights, beta forced to 0.
-- Loss: the PairGRPO loss of one task (`PairGRPOTrainer._task_loss`, fused_linear_policy_loss,
+- Loss: the PairGRPO loss of one task (`PairGRPOTrainer.task_loss`, fused_linear_policy_loss,
   aggregated with `algo.loss_agg_mode` over the batch's micro-batches exactly as
-  `PairGRPOTrainer.backward` weights them) at the FIRST inner step, where the policy is the rollout
+  `PairGRPOTrainer.backward` weights them, `micro_batch_share`) at the FIRST inner step, where the policy is the rollout
   policy: ratio rho = 1 (up to the float difference between the rollout's incremental log-probs and
   the teacher-forced ones, recorded as `ratio_mean`; `clip_fraction` should be 0), so for token-mean
       grad L_task = -(1 / #tokens) * sum_i A_i * sum_t mask_it * grad log pi(y_it).
@@ -45,9 +45,9 @@ Conditions (both over the same K * P pairs, drawn from the whole file with a see
 Memory: the model plus three float32 copies of the shared weights' gradient (generation,
 understanding, autograd's output for the current micro-batch); four when a random batch's
 generation gradient has to be recomputed.
-Single process only (not under torchrun). The probe calls the trainer's `make_batch`, `_plan`,
-`_task_loss` and `_chunk_weight`, and swaps `trainer.pairs` / `trainer.cfg` for the run (restored
-after); it never steps the optimizer and never touches `.grad`.
+Single process only (not under torchrun). The probe calls the trainer's public `make_batch`,
+`micro_batches`, `task_loss` and `micro_batch_share` on its own pairs and seed, with no KL term (no
+reference log-probs); it never changes the trainer, steps the optimizer or touches `.grad`.
 Outputs: a table on stdout, and with `--out DIR`: `gradient_probe.json` (every number) and
 `gradient_probe.png` (box plot of the overall cosines, per-layer medians).
 """
@@ -65,13 +65,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, load_config
+from .data import Pair
+from .policy import TASKS
+from .trainer import PairGRPOTrainer
 
 log = logging.getLogger("pairuni.probe")
 
 CONDITIONS = ("paired", "random")
-TASKS = ("understanding", "generation")
 OVERALL = "overall"
 JSON_NAME = "gradient_probe.json"
 PNG_NAME = "gradient_probe.png"
@@ -121,26 +124,20 @@ def _cosine(parts: list[tuple[float, float, float]]) -> float | None:
 def task_gradient(trainer, task: str, batch, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
     """Gradient of one task's PairGRPO loss on `batch` w.r.t. `params` (float32, one tensor each).
 
-    The loss is `trainer._task_loss` per micro-batch, each weighted by its share of the full batch
-    as `PairGRPOTrainer.backward` weights it, so the sum is the full-batch loss of `task`. Gradients
+    The loss is `trainer.task_loss` per micro-batch, each weighted by `trainer.micro_batch_share` as
+    `PairGRPOTrainer.backward` weights it, so the sum is the full-batch loss of `task`. Gradients
     go through `torch.autograd.grad`: `.grad` of the model is never touched.
     Returns (grads, {"loss", "ratio_mean", "clip_fraction"}) of the full batch.
     """
-    from .trainer import _chunk_weight
-
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
-    mode = trainer.cfg.algo.loss_agg_mode
-    full = (batch.und.response_mask if task == "understanding"
-            else torch.ones_like(batch.gen.image_tokens, dtype=torch.bool))
-    _, chunks = trainer._plan(batch)
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     stats = {"loss": 0.0, "ratio_mean": 0.0, "clip_fraction": 0.0}
     trainer.model.train()  # as in `update`: gradient checkpointing only acts in train mode
     try:
-        for c in chunks:
-            out = trainer._task_loss(trainer.model, task, batch, c)
-            share = float(_chunk_weight(mode, full[c], full))
+        for c in trainer.micro_batches(batch):
+            out = trainer.task_loss(task, batch, c)
+            share = float(trainer.micro_batch_share(task, batch, c))
             for acc, g in zip(grads, torch.autograd.grad(share * out.loss, params, allow_unused=True)):
                 if g is not None:
                     acc.add_(g.float())
@@ -166,8 +163,6 @@ def derangement(n: int, generator: torch.Generator) -> list[int]:
 def repair(pairs: list, perm: list[int]) -> list:
     """Slot i gets pairs[i]'s generation half (and its kind and similarity, hence its pair weight)
     with pairs[perm[i]]'s understanding half."""
-    from engine.data import Pair
-
     if sorted(perm) != list(range(len(pairs))):
         raise ValueError(f"perm: expected a permutation of range({len(pairs)})")
     return [Pair(kind=p.kind, similarity=p.similarity, understand=pairs[j].understand, generate=p.generate,
@@ -314,22 +309,18 @@ def probe_gradients(cfg: Config, *, num_batches: int = 16, pairs_per_batch: int 
     """Measure cos(grad L_und, grad L_gen) on the shared weights for K paired and K re-paired batches.
 
     cfg: run configuration (model, pairs file, rollout and loss settings); see `probe_config` for what
-         the probe overrides. trainer: an already built `PairGRPOTrainer` to reuse (its weights, `.grad`,
-         `pairs` and `cfg` are left as they were; its pairs are the pool), else one is built from `cfg`.
+         the probe overrides. trainer: an already built `PairGRPOTrainer` to reuse (left as it was: weights,
+         `.grad`, pairs, config; its pairs are the pool), else one is built from `cfg`.
     Raises ValueError when the file holds fewer than K * P pairs, when K * P < 2, or when the language
     model is frozen (`model.train_modules`) or the run is distributed (the probe is single-process).
     """
-    from tqdm.auto import tqdm
-
-    from .trainer import PairGRPOTrainer
-
     if num_batches < 1 or pairs_per_batch < 1:
         raise ValueError(f"num_batches, pairs_per_batch: expected integers >= 1, got {num_batches}, {pairs_per_batch}")
     t0 = time.perf_counter()
     cfg = probe_config(cfg, pairs_per_batch=pairs_per_batch, seed=seed)
     if trainer is None:
         trainer = PairGRPOTrainer.from_config(cfg)
-    if getattr(trainer, "dist", None) is not None:
+    if trainer.dist is not None:
         raise ValueError("probe-gradients: runs in one process; under torchrun each rank would hold a shard "
                          "of the batch and of the weights (run it without torchrun)")
     pool = list(trainer.pairs)
@@ -348,36 +339,31 @@ def probe_gradients(cfg: Config, *, num_batches: int = 16, pairs_per_batch: int 
     params = [p for ps in groups.values() for p in ps]
     sizes = {name: len(ps) for name, ps in groups.items()}
     records: list[dict] = []
-    saved = trainer.cfg, trainer.pairs
-    # make_batch reads its pairs by index from `trainer.pairs` and its settings from `trainer.cfg`.
-    trainer.cfg, trainer.pairs = cfg, selected + repair(selected, perm)
-    try:
-        for k in tqdm(range(num_batches), desc="probe-gradients", disable=not cfg.train.progress):
-            slots = list(range(k * pairs_per_batch, (k + 1) * pairs_per_batch))
-            paired = trainer.make_batch(k + 1, slots)
-            g_gen, st_gen = task_gradient(trainer, "generation", paired, params)
-            for cond, idx in (("paired", slots), ("random", [n_sel + i for i in slots])):
-                batch = paired if cond == "paired" else trainer.make_batch(k + 1, idx)
-                reused = cond == "paired" or torch.equal(batch.gen.image_tokens, paired.gen.image_tokens)
-                gg, sg = (g_gen, st_gen) if reused else task_gradient(trainer, "generation", batch, params)
-                g_und, st_und = task_gradient(trainer, "understanding", batch, params)
-                records.append({
-                    "condition": cond, "batch": k, "slots": idx,
-                    "understanding_ids": [_sample_id(p.understand) for p in batch.pairs],
-                    "generation_ids": [_sample_id(p.generate) for p in batch.pairs],
-                    "cosine": gradient_cosines(g_und, gg, sizes),
-                    "grad_norm": {"understanding": _norm(g_und), "generation": _norm(gg)},
-                    "loss": {"understanding": st_und["loss"], "generation": sg["loss"]},
-                    "ratio_mean": {"understanding": st_und["ratio_mean"], "generation": sg["ratio_mean"]},
-                    "clip_fraction": {"understanding": st_und["clip_fraction"], "generation": sg["clip_fraction"]},
-                    "reward_mean": {"understanding": float(batch.rewards_und.mean()),
-                                    "generation": float(batch.rewards_gen.mean())},
-                    "generation_gradient_reused": cond == "random" and reused,
-                })
-                del g_und, gg
-            del g_gen
-    finally:
-        trainer.cfg, trainer.pairs = saved
+    slot_pairs = selected + repair(selected, perm)  # slots 0..n-1 paired, n..2n-1 re-paired
+    for k in tqdm(range(num_batches), desc="probe-gradients", disable=not cfg.train.progress):
+        slots = list(range(k * pairs_per_batch, (k + 1) * pairs_per_batch))
+        paired = trainer.make_batch(k + 1, [slot_pairs[i] for i in slots], seed=seed)
+        g_gen, st_gen = task_gradient(trainer, "generation", paired, params)
+        for cond, idx in (("paired", slots), ("random", [n_sel + i for i in slots])):
+            batch = paired if cond == "paired" else trainer.make_batch(k + 1, [slot_pairs[i] for i in idx], seed=seed)
+            reused = cond == "paired" or torch.equal(batch.gen.image_tokens, paired.gen.image_tokens)
+            gg, sg = (g_gen, st_gen) if reused else task_gradient(trainer, "generation", batch, params)
+            g_und, st_und = task_gradient(trainer, "understanding", batch, params)
+            records.append({
+                "condition": cond, "batch": k, "slots": idx,
+                "understanding_ids": [_sample_id(p.understand) for p in batch.pairs],
+                "generation_ids": [_sample_id(p.generate) for p in batch.pairs],
+                "cosine": gradient_cosines(g_und, gg, sizes),
+                "grad_norm": {"understanding": _norm(g_und), "generation": _norm(gg)},
+                "loss": {"understanding": st_und["loss"], "generation": sg["loss"]},
+                "ratio_mean": {"understanding": st_und["ratio_mean"], "generation": sg["ratio_mean"]},
+                "clip_fraction": {"understanding": st_und["clip_fraction"], "generation": sg["clip_fraction"]},
+                "reward_mean": {"understanding": float(batch.rewards_und.mean()),
+                                "generation": float(batch.rewards_gen.mean())},
+                "generation_gradient_reused": cond == "random" and reused,
+            })
+            del g_und, gg
+        del g_gen
     meta = {"model": cfg.model.path or "tiny", "pairs": cfg.data.pairs_path or "bundled toy world",
             "num_batches": num_batches, "pairs_per_batch": pairs_per_batch, "group_size": cfg.rollout.group_size,
             "seed": seed, "loss_agg_mode": cfg.algo.loss_agg_mode, "use_pair_weights": cfg.algo.use_pair_weights,

@@ -23,20 +23,82 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-REWARDS: dict[str, Callable] = {}
+from engine.data import toyworld
+
+from .policy import TASKS
+
+#: The data fields a reward may read on its half of a pair, as the PairUG file names that half.
+HALF_NAMES = {"understanding": "understand_ann", "generation": "generate_ann"}
+
+
+@dataclass(frozen=True)
+class RewardNeeds:
+    """What a reward reads, declared once: config validation and pair loading ask this, not the name.
+
+    task:       the half it scores (understanding answers or generated images).
+    images:     decoded images (`rollout.decode_images=true`).
+    qa:         a question and an answer on its half of every pair.
+    attributes: keys that must be set in its half's `attributes` (e.g. the toy world's color, shape).
+    path:       (config key under `reward.`, "dir" | "file") of a local model it loads.
+    policy:     it asks the policy itself (gets `answer_fn` at construction).
+    """
+
+    task: str
+    images: bool = False
+    qa: bool = False
+    attributes: tuple[str, ...] = ()
+    path: tuple[str, str] | None = None
+    policy: bool = False
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
+
+
+REWARDS: dict[str, type] = {}
 
 
 def register_reward(name: str):
-    def deco(builder):
-        REWARDS[name] = builder
-        return builder
+    """Class decorator: `name` in the registry (`reward.understanding` / `reward.generation` values).
+    The class carries `needs: RewardNeeds` and is built as `cls(reward_cfg, **context)`."""
+    def deco(cls):
+        if not isinstance(getattr(cls, "needs", None), RewardNeeds):
+            raise TypeError(f"register_reward({name!r}): {cls.__name__}.needs must be a RewardNeeds")
+        REWARDS[name] = cls
+        return cls
     return deco
+
+
+def reward_names(task: str) -> tuple[str, ...]:
+    """Registered rewards of one task, sorted."""
+    return tuple(sorted(n for n, cls in REWARDS.items() if cls.needs.task == task))
+
+
+def reward_needs(name: str) -> RewardNeeds:
+    if name not in REWARDS:
+        raise ValueError(f"reward: unknown {name!r}; registered: {sorted(REWARDS)}")
+    return REWARDS[name].needs
+
+
+def check_sample(name: str, sample) -> str | None:
+    """Why reward `name` cannot score `sample` (its half of a pair), or None when it can."""
+    needs = reward_needs(name)
+    key = f"reward.{needs.task}={name}"
+    half = HALF_NAMES[needs.task]
+    if needs.qa and not sample.has_qa:
+        return f"{key} needs a question and an answer in {half}"
+    attrs = sample.meta.get("attributes") or {}
+    missing = [a for a in needs.attributes if not attrs.get(a)]
+    if missing:
+        others = [n for n in reward_names(needs.task) if not REWARDS[n].needs.attributes]
+        return (f"{key} needs {half}.attributes with {' and '.join(needs.attributes)} (missing {missing}); "
+                f"use {'/'.join(others)} for other data")
+    return None
 
 
 @dataclass
@@ -50,8 +112,7 @@ class RewardInput:
 
 def build_reward(name: str, reward_cfg=None, **context):
     """Instantiate registry entry `name`; `context` passes e.g. `answer_fn`, `device`."""
-    if name not in REWARDS:
-        raise ValueError(f"reward: unknown {name!r}; registered: {sorted(REWARDS)}")
+    reward_needs(name)  # raises for an unknown name
     return REWARDS[name](reward_cfg, **context)
 
 
@@ -108,7 +169,7 @@ def answer_accuracy(prediction: str, reference: str) -> float:
 
 @register_reward("accuracy")
 class AccuracyReward:
-    task = "understanding"
+    needs = RewardNeeds("understanding", qa=True)
 
     def __init__(self, reward_cfg=None, **_):
         pass
@@ -151,13 +212,11 @@ def read_attributes(images: torch.Tensor, *, shape_temp: float = 0.02):
     of -distance between the largest blob's (fill ratio, widest row) and each shape's
     (uniform without a blob).
     """
-    from engine.data import toyworld as tw
-
-    palette = torch.tensor(list(tw.COLORS.values()), dtype=torch.float32) / 255.0
-    ref = torch.tensor([SHAPE_FEATURES.get(s, (0.6, 0.5)) for s in tw.SHAPES], dtype=torch.float32)
+    palette = torch.tensor(list(toyworld.COLORS.values()), dtype=torch.float32) / 255.0
+    ref = torch.tensor([SHAPE_FEATURES.get(s, (0.6, 0.5)) for s in toyworld.SHAPES], dtype=torch.float32)
     x = images.detach().float().cpu().clamp(0, 1)
     chroma = x.max(1).values - x.min(1).values  # [B, S, S]
-    fg = chroma >= tw.CHROMA_MIN / 255.0
+    fg = chroma >= toyworld.CHROMA_MIN / 255.0
     pix = x.permute(0, 2, 3, 1)  # [B, S, S, 3]
     nearest = ((pix[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # [B, S, S]
     votes = torch.nn.functional.one_hot(nearest, len(palette)).float() * fg[..., None]
@@ -166,7 +225,7 @@ def read_attributes(images: torch.Tensor, *, shape_temp: float = 0.02):
     for i in range(x.shape[0]):
         feats = _largest_blob_features(fg[i].numpy())
         if feats is None:
-            p_shape.append(torch.full((len(tw.SHAPES),), 1.0 / len(tw.SHAPES)))
+            p_shape.append(torch.full((len(toyworld.SHAPES),), 1.0 / len(toyworld.SHAPES)))
         else:
             d = ((torch.tensor(feats)[None] - ref) ** 2).sum(-1)
             p_shape.append(torch.softmax(-d / shape_temp, -1))
@@ -177,12 +236,10 @@ def read_attributes(images: torch.Tensor, *, shape_temp: float = 0.02):
 class ToyWorldReward:
     """(p_color[target] + p_shape[target]) / 2 for the prompt's `meta["attributes"]` (toy world)."""
 
-    task = "generation"
+    needs = RewardNeeds("generation", images=True, attributes=("color", "shape"))
 
     def __init__(self, reward_cfg=None, **_):
-        from engine.data import toyworld as tw
-
-        self.colors, self.shapes = list(tw.COLORS), list(tw.SHAPES)
+        self.colors, self.shapes = list(toyworld.COLORS), list(toyworld.SHAPES)
 
     def __call__(self, inp: RewardInput) -> torch.Tensor:
         if inp.images is None:
@@ -204,7 +261,7 @@ class ToyWorldReward:
 class ClipReward:
     """Cosine similarity between CLIP embeddings of the image and of the generation prompt."""
 
-    task = "generation"
+    needs = RewardNeeds("generation", images=True, path=("clip_path", "dir"))
 
     def __init__(self, reward_cfg, *, device="cpu", **_):
         from transformers import CLIPModel, CLIPProcessor
@@ -230,7 +287,7 @@ class ClipReward:
 class HPSv2Reward:
     """HPSv2 (open_clip ViT-H-14 fine-tuned on human preferences): image-prompt score."""
 
-    task = "generation"
+    needs = RewardNeeds("generation", images=True, path=("hpsv2_path", "file"))
 
     def __init__(self, reward_cfg, *, device="cpu", **_):
         try:
@@ -261,14 +318,15 @@ class HPSv2Reward:
 class PairQAReward:
     """The policy answers the generation half's question about its own image (greedy); reward = accuracy.
 
-    `answer_fn(images [B, 3, S, S], questions list[str]) -> list[str]` is given by the trainer.
+    `answer_fn(images [B, 3, S, S], questions list[str]) -> list[str]` is given at construction
+    (`engine.rollout.answer_questions` on the policy being trained).
     """
 
-    task = "generation"
+    needs = RewardNeeds("generation", images=True, qa=True, policy=True)
 
     def __init__(self, reward_cfg=None, *, answer_fn=None, **_):
         if answer_fn is None:
-            raise ValueError("pair_qa: needs answer_fn (the trainer passes the policy's answerer)")
+            raise ValueError("pair_qa: needs answer_fn (engine.build passes the policy's answerer)")
         self.answer_fn = answer_fn
 
     def __call__(self, inp: RewardInput) -> torch.Tensor:

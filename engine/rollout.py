@@ -14,19 +14,22 @@ tokens depend on (seed, step, row seed) only, never on which other rows share th
   conditional branch `log softmax(c / T)` (T2I-R1 / PairUni); `image_logprob="cfg"` records the
   guided distribution's.
 
+The trainer scores these rollouts again, teacher-forced and differentiable: engine/policy.py.
 Positions count attended tokens only (left padding gets none), unlike transformers' image
 `generate`, which counts pads; the two agree on unpadded prompts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
-from . import model as M
+from . import model as janus
+from .policy import IMAGE_LOGPROBS, scoring_temperature
 
 
 # ----------------------------------------------------------------------------- batches
@@ -93,11 +96,6 @@ def _static_cache(model, max_len: int) -> StaticCache:
     return StaticCache(config=model.config.text_config, max_cache_len=max_len)
 
 
-def _sampling_temperature(t: float) -> float:
-    """Log-probs of greedy rollouts are scored at temperature 1."""
-    return t if t > 0 else 1.0
-
-
 def sample_text_tokens(logits: torch.Tensor, *, temperature: float, seeds: torch.Tensor, step: int):
     """[B, V] logits -> (tokens [B], logp [B]) drawn from softmax(logits / temperature) by `cfg_sample`."""
     from pairuni_kernels import cfg_sample
@@ -105,7 +103,7 @@ def sample_text_tokens(logits: torch.Tensor, *, temperature: float, seeds: torch
     logits = logits.float()
     tokens, _ = cfg_sample(torch.cat([logits, logits]), guidance_scale=1.0, temperature=temperature,
                            seeds=seeds, step=step)
-    logp = torch.log_softmax(logits / _sampling_temperature(temperature), -1).gather(-1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits / scoring_temperature(temperature), -1).gather(-1, tokens[:, None])[:, 0]
     return tokens, logp
 
 
@@ -119,16 +117,16 @@ def rollout_understanding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     Stops early once every row has produced EOS; `response_ids` then has fewer than
     `max_new_tokens` columns.
     """
-    ids = M.special_ids(model)
+    ids = janus.special_ids(model)
     b, lp = prompt_ids.shape
     device = prompt_ids.device
-    embeds = M.text_embeddings(model, prompt_ids, pixel_values)
+    embeds = janus.text_embeddings(model, prompt_ids, pixel_values)
     cache = _static_cache(model, lp + max_new_tokens)
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], 1)
-    pos = M.positions_from_mask(prompt_mask)
-    h = M.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
+    pos = janus.positions_from_mask(prompt_mask)
+    h = janus.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
     next_pos = pos[:, -1] + 1
-    weight, bias = M.text_head(model)
+    weight, bias = janus.text_head(model)
     tokens = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
     logps = torch.empty(b, max_new_tokens, dtype=torch.float32, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -144,7 +142,7 @@ def rollout_understanding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
             length = t + 1
             break
         e = model.get_input_embeddings()(tok[:, None])
-        h = M.policy_hidden(model, e, full_mask[:, : lp + t + 1], next_pos[:, None], cache)[:, -1]
+        h = janus.policy_hidden(model, e, full_mask[:, : lp + t + 1], next_pos[:, None], cache)[:, -1]
         next_pos = next_pos + 1
     tokens, logps, mask = tokens[:, :length], logps[:, :length], mask[:, :length]
     texts = [""] * b
@@ -161,24 +159,24 @@ def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     """CFG image rollouts: K image tokens per row (rows already repeated G times)."""
     from pairuni_kernels import cfg_sample
 
-    if image_logprob not in ("cond", "cfg"):
-        raise ValueError(f"image_logprob: expected 'cond' or 'cfg', got {image_logprob!r}")
-    ids = M.special_ids(model)
+    if image_logprob not in IMAGE_LOGPROBS:
+        raise ValueError(f"image_logprob: expected one of {IMAGE_LOGPROBS}, got {image_logprob!r}")
+    ids = janus.special_ids(model)
     b, lp = prompt_ids.shape
     device = prompt_ids.device
-    k_img = M.image_token_count(model)
+    k_img = janus.image_token_count(model)
     uncond = uncond_prompt(prompt_ids, bos=ids["bos"], boi=ids["boi"], pad=ids["pad"])
     both_ids = torch.cat([prompt_ids, uncond])
     both_mask = torch.cat([prompt_mask, prompt_mask])
     embeds = model.get_input_embeddings()(both_ids)
     cache = _static_cache(model, lp + k_img)
     full_mask = torch.cat([both_mask, both_mask.new_ones(2 * b, k_img)], 1)
-    pos = M.positions_from_mask(both_mask)
-    h = M.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
+    pos = janus.positions_from_mask(both_mask)
+    h = janus.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
     next_pos = pos[:, -1] + 1
     head = model.model.generation_head
     seeds = seeds.to(device)
-    t_score = _sampling_temperature(temperature)
+    t_score = scoring_temperature(temperature)
     tokens = torch.empty(b, k_img, dtype=torch.long, device=device)
     logps = torch.empty(b, k_img, dtype=torch.float32, device=device)
     for k in range(k_img):
@@ -193,47 +191,39 @@ def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         tokens[:, k], logps[:, k] = tok, lpr
         if k == k_img - 1:
             break
-        e = M.image_token_embeddings(model, torch.cat([tok, tok])[:, None])
-        h = M.policy_hidden(model, e, full_mask[:, : lp + k + 1], next_pos[:, None], cache)[:, -1]
+        e = janus.image_token_embeddings(model, torch.cat([tok, tok])[:, None])
+        h = janus.policy_hidden(model, e, full_mask[:, : lp + k + 1], next_pos[:, None], cache)[:, -1]
         next_pos = next_pos + 1
-    images = M.decode_images(model, tokens) if decode else None
+    images = janus.decode_images(model, tokens) if decode else None
     return GenerationRollout(prompt_ids, uncond, prompt_mask, tokens, logps, images, cfg_scale, temperature,
                              image_logprob)
 
 
-# ----------------------------------------------------------------------------- teacher forcing
-def understanding_hidden(model, ro: UnderstandingRollout, rows=slice(None)) -> torch.Tensor:
-    """Teacher-forced [b, T, H] hidden states that predict `ro.response_ids[rows]`."""
-    p_ids, p_mask = ro.prompt_ids[rows], ro.prompt_mask[rows]
-    resp = ro.response_ids[rows]
-    pv = ro.pixel_values[rows] if ro.pixel_values is not None else None
-    lp, t = p_ids.shape[1], resp.shape[1]
-    embeds = torch.cat([M.text_embeddings(model, p_ids, pv), model.get_input_embeddings()(resp[:, :-1])], 1)
-    mask = torch.cat([p_mask, p_mask.new_ones(p_mask.shape[0], t - 1)], 1)
-    h = M.policy_hidden(model, embeds, mask, M.positions_from_mask(mask))
-    return h[:, lp - 1: lp - 1 + t]
+# ----------------------------------------------------------------------------- batching
+def concat_rollouts(parts: list):
+    """Rollouts of consecutive row chunks (same padded prompt width) joined along rows."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for f in dataclasses.fields(parts[0]):
+        vals = [getattr(p, f.name) for p in parts]
+        if isinstance(vals[0], torch.Tensor):
+            if vals[0].dim() >= 2:  # answers of chunks that stopped early: right-pad (masked) to one width
+                width = max(v.shape[1] for v in vals)
+                vals = [F.pad(v, (0, 0) * (v.dim() - 2) + (0, width - v.shape[1])) for v in vals]
+            out[f.name] = torch.cat(vals)
+        elif isinstance(vals[0], list):
+            out[f.name] = [x for v in vals for x in v]
+        else:
+            out[f.name] = vals[0]
+    return type(parts[0])(**out)
 
 
-def generation_head_input(model, ro: GenerationRollout, rows=slice(None)) -> torch.Tensor:
-    """Teacher-forced [b, K, P] inputs of the image head's last linear layer for `ro.image_tokens[rows]`.
-
-    With `image_logprob == "cfg"` these are `h_u + s * (h_c - h_u)`: the last layer is affine, so
-    its output on this mix is exactly the guided logits `u + s * (c - u)`.
-    """
-    tok = ro.image_tokens[rows]
-    k = tok.shape[1]
-    img = M.image_token_embeddings(model, tok[:, :-1])
-
-    def branch(p_ids):
-        lp = p_ids.shape[1]
-        p_mask = ro.prompt_mask[rows]
-        embeds = torch.cat([model.get_input_embeddings()(p_ids), img], 1)
-        mask = torch.cat([p_mask, p_mask.new_ones(p_mask.shape[0], k - 1)], 1)
-        h = M.policy_hidden(model, embeds, mask, M.positions_from_mask(mask))
-        return M.image_head_input(model, h[:, lp - 1: lp - 1 + k])
-
-    hc = branch(ro.prompt_ids[rows])
-    if ro.image_logprob == "cond":
-        return hc
-    hu = branch(ro.uncond_ids[rows])
-    return hu + ro.cfg_scale * (hc - hu)
+def answer_questions(model, prompts, images: torch.Tensor, questions: list[str], *, max_new_tokens: int) -> list[str]:
+    """The policy's greedy answers to `questions` about `images` [B, 3, S, S] (rewards that ask the policy)."""
+    device = next(model.parameters()).device
+    ids, mask, pv = prompts.understanding(questions, images.cpu())
+    ro = rollout_understanding(model, ids.to(device), mask.to(device), pv.to(device, model.dtype),
+                               max_new_tokens=max_new_tokens, temperature=0.0,
+                               seeds=torch.zeros(len(questions), dtype=torch.long), decode_text=prompts.decode)
+    return ro.texts

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # imported here, not at the top: `pairuni --help` imports every command module and stays fast
+    from . import distributed
     from .config import ConfigError, dump_yaml, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -41,17 +43,13 @@ def run(args) -> int:
         trainer = PairGRPOTrainer.from_config(cfg)
     except ConfigError as exc:
         print(f"pairuni train: config error: {exc}", file=sys.stderr)
-        from . import distributed as D
-
-        D.shutdown()
+        distributed.shutdown()
         return 2
-    from . import distributed as D
-
     try:
         summary = trainer.train()
     finally:
-        main = D.is_main()
-        D.shutdown()  # torchrun: leave the process group cleanly
+        main = distributed.is_main()
+        distributed.shutdown()  # torchrun: leave the process group cleanly
     if main:  # one summary per job, from rank 0
         print(format_summary(summary))
     return 0

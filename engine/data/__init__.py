@@ -2,7 +2,8 @@
 
 Modules: `schema` (Sample, Pair), `io` (streaming JSONL, atomic writes), `validate`,
 `pairing` (build-pairs), `embed` (offline sentence-transformers), `completion` (complete),
-`toyworld` (synthetic data and the attribute vocabulary rewards read), `cli` (subcommands).
+`toyworld` (synthetic data and the attribute vocabulary rewards read), `sampler` (training pairs,
+their seeded order, the image cache), `cli` (subcommands).
 
 The engine's embedded default data is a toy world bundled in `toyworld_default/`
 (pairs.jsonl, understand.jsonl, generate.jsonl, stats.json, images/); it is regenerated with

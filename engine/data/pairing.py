@@ -1,7 +1,7 @@
 """Pair construction (`pairuni build-pairs`): aligned pairs from cluster medoids, retrieved
 pairs from chunked cosine top-n search and greedy one-to-one matching.
 
-Algorithm (PAIRUNI.md "Data"), for an understanding set U and a generation set G with
+Algorithm (docs/PAIRUNI.md "Data: UG pairs"), for an understanding set U and a generation set G with
 unit-norm embeddings E_U [N_u, D] and E_G [N_g, D]:
 
 1. Aligned. MiniBatchKMeans with K clusters over the rows of [E_U; E_G]. In each cluster the
@@ -33,15 +33,17 @@ from typing import Any
 
 import numpy as np
 
+from engine.data.embed import encode_stream, load_embedder, load_rgb
 from engine.data.io import (
     atomic_writer,
     data_root_of,
     dumps_line,
     iter_lines,
     relocate_image_path,
+    resolve_image_path,
     write_json,
 )
-from engine.data.schema import Pair, Sample
+from engine.data.schema import Pair, Sample, parse_multiple_choice
 
 DEFAULT_DELTA = 0.6
 DEFAULT_TOP_N = 8
@@ -471,10 +473,6 @@ def build_pairs(understand_path: str | os.PathLike, generate_path: str | os.Path
                      overrides `model`.
     Returns the stats dict (also written to `stats_path`).
     """
-    from engine.data.embed import encode_stream, load_embedder, load_rgb
-    from engine.data.io import resolve_image_path
-    from engine.data.schema import parse_multiple_choice
-
     if modality not in ("text", "image"):
         raise ValueError(f"modality: expected 'text' or 'image', got {modality!r}")
     if (understand_embeddings is None) != (generate_embeddings is None):

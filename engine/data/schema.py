@@ -1,6 +1,6 @@
 """PairUG records: one `Sample` per half, one `Pair` per JSONL line.
 
-A PairUG line (the released format, PAIRUNI.md "Data"):
+A PairUG line (the released format, docs/PAIRUNI.md "Data: UG pairs"):
 
     {"similarity": 0.71,
      "generate_ann":   {"image_path": ..., "prompt": ..., "question": ..., "answer": ..., "tag": ...},

@@ -1,6 +1,6 @@
 """Toy world: a synthetic, fully known UG dataset of coloured shapes on a white canvas.
 
-In the spirit of "Are Unified VLMs Necessary" (PAIRUNI.md): every image is drawn from a
+In the spirit of "Are Unified VLMs Necessary" (docs/PAIRUNI.md "A toy world"): every image is drawn from a
 `Scene` with known attributes (colour, shape, count, position), so captions, questions and
 answers are exact, and a reward can read the attributes back from pixels with
 `describe_image` / `dominant_color`, using the same vocabulary constants (`COLORS`, `SHAPES`,

@@ -1,8 +1,11 @@
-"""Fixtures of the engine tests: a small toy world on disk, and tiny-run config overrides."""
+"""Fixtures of the engine tests: a small toy world on disk, tiny-run config overrides, a tiny Janus and its prompts."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+from engine import model as janus
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,21 @@ def tiny_overrides():
     """`tiny_overrides(pairs_path, run_dir, **{"key": value})` -> `key=value` overrides of a run
     small enough for a few seconds per step on 2 shared CPU cores."""
     return _tiny_overrides
+
+
+@pytest.fixture
+def tiny():
+    """A tiny random Janus with a 96-word vocabulary, fresh per test (building it takes milliseconds)."""
+    return janus.tiny_janus(96, seed=3)
+
+
+@pytest.fixture
+def image_prompts():
+    """`image_prompts(n, length, seed=0)` -> (ids, mask): n unpadded generation prompts `<bos> words <boi>`."""
+    def make(n, length, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        body = torch.randint(6, 96, (n, length), generator=g)
+        bos, boi = torch.full((n, 1), janus.TINY_SPECIAL.bos), torch.full((n, 1), janus.TINY_SPECIAL.boi)
+        ids = torch.cat([bos, body, boi], 1)
+        return ids, torch.ones_like(ids)
+    return make

@@ -1,6 +1,6 @@
-"""Run the PairGRPO trainer on W CPU processes (gloo), as torchrun would, for tests/scale/test_distributed.py.
+"""Run the PairGRPO trainer on W CPU processes (gloo), as torchrun would, for tests/engine/test_distributed.py.
 
-    python tests/scale/dist_worker.py --world 2 --out result.pt -- key=value ...
+    python tests/engine/dist_worker.py --world 2 --out result.pt -- key=value ...
 
 Spawns W processes with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, each
 builds `PairGRPOTrainer.from_config` (which starts the process group and shards the model with
@@ -34,7 +34,7 @@ def worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> 
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
-    from engine import distributed as D
+    from engine import distributed
     from engine.config import load_config
     from engine.trainer import PairGRPOTrainer
 
@@ -42,13 +42,13 @@ def worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> 
         trainer = PairGRPOTrainer.from_config(load_config(None, overrides))
         summary = trainer.train()
         named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
-        params = {n: D.full_tensor(p.detach()).clone() for n, p in named}
-        grads = {n: D.full_tensor(p.grad).clone() for n, p in named if p.grad is not None}
+        params = {n: distributed.full_tensor(p.detach()).clone() for n, p in named}
+        grads = {n: distributed.full_tensor(p.grad).clone() for n, p in named if p.grad is not None}
         if rank == 0:
             torch.save({"rows": trainer_rows(trainer), "params": params, "grads": grads, "summary": summary,
                         "param_type": type(named[0][1]).__name__}, out)
     finally:
-        D.shutdown()
+        distributed.shutdown()
 
 
 def single(out: str, overrides: list[str]) -> None:

@@ -55,6 +55,31 @@ def test_bad_values_raise_config_error_naming_the_key(override, key):
         load_config(None, [override])
 
 
+def test_valid_reward_names_come_from_the_registry():
+    from engine.rewards import REWARDS, RewardNeeds, register_reward, reward_names
+
+    assert reward_names("generation") == ("clip", "hpsv2", "pair_qa", "toyworld")
+    with pytest.raises(ConfigError, match=r"reward\.generation: expected one of \('clip', 'hpsv2', 'pair_qa', 'toyworld'\)"):
+        load_config(None, ["reward.generation=hps"])
+
+    @register_reward("constant")
+    class Constant:
+        needs = RewardNeeds("generation")
+
+    try:  # a newly registered reward is a valid name at once, and without images decode_images may be off
+        assert load_config(None, ["reward.generation=constant", "rollout.decode_images=false"]).reward.generation == "constant"
+    finally:
+        del REWARDS["constant"]
+
+
+def test_a_reward_that_reads_images_needs_decoded_images():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["reward.generation=pair_qa", "rollout.decode_images=false"])
+    message = str(exc.value)
+    assert message.startswith("rollout.decode_images: expected true (reward.generation=pair_qa reads decoded images)")
+    assert "\n" not in message
+
+
 def test_missing_and_invalid_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(str(tmp_path / "missing.yaml"))
@@ -93,6 +118,7 @@ def _good_record(toy_world):
     ("bad_similarity", "similarity"),
     ("too_few", "pairs_per_step"),
     ("no_attributes", "needs generate_ann.attributes"),
+    ("pair_qa_without_qa", r"reward\.generation=pair_qa needs a question and an answer in generate_ann"),
 ])
 def test_bad_data_fails_before_the_model_loads(case, message, toy_world, tmp_path, capsys, no_model_loads):
     good = _good_record(toy_world)
@@ -114,8 +140,12 @@ def test_bad_data_fails_before_the_model_loads(case, message, toy_world, tmp_pat
         records = [good]
     elif case == "no_attributes":
         del bad["generate_ann"]["attributes"]
+    elif case == "pair_qa_without_qa":
+        bad["generate_ann"]["question"] = ""
     pairs = _write_pairs(tmp_path / "pairs.jsonl", records)
-    rc = cli.main(["train", f"data.pairs_path={pairs}", f"train.run_dir={tmp_path / 'run'}", "data.pairs_per_step=2"])
+    extra = ["reward.generation=pair_qa"] if case == "pair_qa_without_qa" else []
+    rc = cli.main(["train", f"data.pairs_path={pairs}", f"train.run_dir={tmp_path / 'run'}", "data.pairs_per_step=2",
+                   *extra])
     err = capsys.readouterr().err
     assert rc == 2
     assert "config error" in err

@@ -1,6 +1,6 @@
 """torchrun + FSDP2 on CPU (gloo, 2 processes): the same training as one process, and resume across world sizes.
 
-Every run goes through `tests/scale/dist_worker.py` in a subprocess (fresh process groups, free
+Every run goes through `tests/engine/dist_worker.py` in a subprocess (fresh process groups, free
 ports, the trainer's own `from_config` -> `init_from_env` -> `shard_model` path). The reference is
 the plain single-process trainer (no process group, no FSDP) on the same global batch.
 """
@@ -93,13 +93,12 @@ def test_two_ranks_equal_one_process(world_dir, single, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     ckpt = tmp_path / "run" / "checkpoints" / f"step_{STEPS:06d}"
     assert (ckpt / ".metadata").is_file() and (ckpt / "state.json").is_file()
-    # a single process (no torchrun) refuses the sharded checkpoint with a message, not a traceback
+    # a single process (no torchrun) refuses the sharded checkpoint with a message, not a traceback, and
+    # before any model loads: the config's validation looks at the checkpoint it would resume
     from engine.config import ConfigError, load_config
-    from engine.trainer import PairGRPOTrainer
 
-    tr = PairGRPOTrainer.from_config(load_config(None, overrides(world_dir, tmp_path / "run", **{"train.resume": True})))
     with pytest.raises(ConfigError, match="torchrun"):
-        tr.maybe_resume()
+        load_config(None, overrides(world_dir, tmp_path / "run", **{"train.resume": True}))
 
 
 @pytest.mark.slow

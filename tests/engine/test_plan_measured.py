@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from engine import model as M
+from engine import model as janus
 from engine import plan
 from engine.config import load_config
 from engine.janus_shapes import parameter_counts
@@ -53,7 +53,7 @@ def world(tmp_path_factory):
 
 
 def measure(world, run_dir, monkeypatch, *, checkpointing: bool, optimizer: str) -> tuple[float, dict]:
-    monkeypatch.setattr(M, "tiny_janus", functools.partial(M.tiny_janus, hidden_size=HIDDEN, num_layers=LAYERS))
+    monkeypatch.setattr(janus, "tiny_janus", functools.partial(janus.tiny_janus, hidden_size=HIDDEN, num_layers=LAYERS))
     overrides = {"data.pairs_path": world, "train.run_dir": run_dir, "train.progress": "false",
                  "data.pairs_per_step": ROWS // 4, "rollout.group_size": 4, "rollout.max_new_tokens": 24,
                  "optim.micro_batch_size": MICRO_BATCH, "optim.optimizer": optimizer, "algo.mu": 1,
@@ -62,7 +62,7 @@ def measure(world, run_dir, monkeypatch, *, checkpointing: bool, optimizer: str)
     batch = trainer.make_batch(1, trainer.sampler.next())
     trainer.update(batch)  # optimizer state now exists, as in every step after the first
     tracker = DeviceTotalTracker()
-    tracker.track_external(trainer.model, trainer.optimizer)
+    tracker.track_external(trainer.model, trainer.optimizer.inner)
     with tracker:
         trainer.update(batch)
     measured = float(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
@@ -71,7 +71,7 @@ def measure(world, run_dir, monkeypatch, *, checkpointing: bool, optimizer: str)
     t = config.text_config
     text = dict(hidden=t.hidden_size, layers=t.num_hidden_layers, intermediate=t.intermediate_size,
                 kv_heads=t.num_key_value_heads, heads=t.num_attention_heads, vocab=t.vocab_size,
-                codebook=config.vq_config.num_embeddings, image_tokens=M.image_token_count(trainer.model))
+                codebook=config.vq_config.num_embeddings, image_tokens=janus.image_token_count(trainer.model))
     prompt_width = batch.und.prompt_ids.shape[1]  # question + image placeholders, padded
     cfg = plan.PlanConfig(gpus=1, group_size=4, pairs_per_gpu=ROWS // 4, prompt_tokens=prompt_width - text["image_tokens"],
                           answer_tokens=batch.und.response_ids.shape[1], micro_batch=MICRO_BATCH,

@@ -18,6 +18,7 @@ import torch
 from engine import cli
 from engine.config import load_config
 from engine.model import image_head, text_head
+from engine.policy import generation_head_input, understanding_hidden
 from engine.probe import (
     OVERALL,
     derangement,
@@ -28,7 +29,6 @@ from engine.probe import (
     shared_parameter_groups,
     task_gradient,
 )
-from engine.rollout import generation_head_input, understanding_hidden
 from engine.trainer import PairGRPOTrainer
 from pairuni_kernels import linear_logprobs
 
@@ -46,7 +46,7 @@ def trainer():
 def batch(trainer):
     """The first batch with non-zero advantages in both tasks (rewards vary within some group of each)."""
     for step in range(1, 40):
-        b = trainer.make_batch(step, [2 * step, 2 * step + 1])
+        b = trainer.make_batch(step, trainer.pairs[2 * step: 2 * step + 2])
         if b.adv_und.abs().sum() > 0 and b.adv_gen.abs().sum() > 0:
             return b
     pytest.fail("no batch with non-zero advantages in both tasks")
@@ -142,8 +142,8 @@ def test_cosines_match_direct_autograd_per_layer_and_overall(trainer, batch):
     trainer.model.train()
     direct = {}
     for name, ps in [*groups.items(), (OVERALL, params)]:
-        lu = trainer._task_loss(trainer.model, "understanding", batch, full).loss
-        lg = trainer._task_loss(trainer.model, "generation", batch, full).loss
+        lu = trainer.task_loss("understanding", batch, full).loss
+        lg = trainer.task_loss("generation", batch, full).loss
         gu = torch.cat([g.flatten() for g in torch.autograd.grad(lu, ps)])
         gg = torch.cat([g.flatten() for g in torch.autograd.grad(lg, ps)])
         direct[name] = float(torch.nn.functional.cosine_similarity(gu, gg, dim=0))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import toyworld as tw
+from engine.data import toyworld
 from engine.data.schema import Sample
 from engine.rewards import (
     RewardInput,
@@ -44,18 +44,18 @@ def test_extract_choice_prefers_a_leading_letter():
 
 
 def _render(color, shape, cells=(4,), size=64):
-    img = tw.render(tw.Scene(color=color, shape=shape, cells=cells), size)
+    img = toyworld.render(toyworld.Scene(color=color, shape=shape, cells=cells), size)
     arr = torch.tensor(np.asarray(img), dtype=torch.float32) / 255.0
     return arr.permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("shape", tw.SHAPES)
+@pytest.mark.parametrize("shape", toyworld.SHAPES)
 def test_read_attributes_recovers_rendered_scenes(shape):
-    colors = list(tw.COLORS)
+    colors = list(toyworld.COLORS)
     images = torch.stack([_render(c, shape) for c in colors])
     p_color, p_shape = read_attributes(images)
     assert p_color.argmax(-1).tolist() == list(range(len(colors)))
-    assert (p_shape.argmax(-1) == tw.SHAPES.index(shape)).all(), p_shape
+    assert (p_shape.argmax(-1) == toyworld.SHAPES.index(shape)).all(), p_shape
 
 
 def test_toyworld_reward_prefers_the_prompted_attributes():
@@ -66,7 +66,7 @@ def test_toyworld_reward_prefers_the_prompted_attributes():
     r = reward(RewardInput(samples=samples, images=img))
     assert r[0] > 0.9 and r[0] > r[1] > r[2]
     blank = torch.ones(1, 3, 32, 32)  # no foreground: no colour credit
-    assert float(reward(RewardInput(samples=samples[:1], images=blank))[0]) == pytest.approx(0.5 / len(tw.SHAPES))
+    assert float(reward(RewardInput(samples=samples[:1], images=blank))[0]) == pytest.approx(0.5 / len(toyworld.SHAPES))
 
 
 def test_toyworld_reward_needs_attributes():

@@ -1,0 +1,130 @@
+"""Everything before step 1: config -> pairs, device, model, prompts, optimizer, rewards, FSDP wrapping.
+
+    parts = build_components(cfg)            # what `PairGRPOTrainer.from_config(cfg)` runs
+    trainer = PairGRPOTrainer(cfg, parts)
+
+Order matters for the user: the pairs are read and checked (`config.validated_pairs`) before any
+model loads, so a data error costs seconds, not a model load. `assemble` takes an already built
+model and prompts (benchmarks build random-weight Janus-Pro shapes themselves) and does the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, distributed, rewards
+from . import model as janus
+from .checkpoint import Checkpointer
+from .config import Config, validated_pairs
+from .data import toyworld
+from .data.sampler import ImageCache, PairSampler
+from .optim import PolicyOptimizer
+from .policy import TASKS
+from .rollout import answer_questions
+from .text import JanusPrompts, ToyPrompts, ToyTokenizer, load_image
+
+log = logging.getLogger("pairuni.build")
+
+
+@dataclass
+class Components:
+    """What a trainer is made of (see `PairGRPOTrainer` for how each part is used).
+
+    model: the policy (its parameters are DTensor shards under torchrun); fsdp: the FSDP2 root or None;
+    ref_model: frozen copy of the initial policy when algo.beta > 0, else None; rewards: {task: reward};
+    tokenizer_json: the toy tokenizer's vocabulary (tiny model only; stored in every checkpoint).
+    """
+
+    model: torch.nn.Module
+    prompts: object
+    pairs: list
+    sampler: PairSampler
+    images: ImageCache
+    optimizer: PolicyOptimizer
+    rewards: dict
+    checkpoints: Checkpointer
+    device: torch.device
+    dist: distributed.DistEnv | None = None
+    fsdp: torch.nn.Module | None = None
+    ref_model: torch.nn.Module | None = None
+    tokenizer_json: str | None = None
+
+
+def build_components(cfg: Config) -> Components:
+    """Read the pairs, start the process group under torchrun, load or build the model, then `assemble`."""
+    pairs, root = validated_pairs(cfg)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    env = distributed.init_from_env(cfg.train.device)  # torchrun: process group + this rank's device
+    device = env.device if env is not None else distributed.resolve_device(cfg.train.device)
+    tokenizer_json = None
+    if cfg.model.path is None:
+        model, prompts, tok = tiny_policy(cfg, pairs, device)
+        tokenizer_json = tok.to_json()
+    else:
+        model = janus.load_janus(cfg.model.path, dtype=cfg.model.dtype, device=device,
+                                 attn_implementation=cfg.model.attn_implementation)
+        prompts = JanusPrompts(cfg.model.path)
+        janus.complete_generation_config(model, prompts.processor.tokenizer)
+    return assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json)
+
+
+def tiny_policy(cfg: Config, pairs: list, device: torch.device):
+    """(tiny random Janus, toy prompts, toy tokenizer). The tokenizer is the resumed checkpoint's, or
+    one built from the pairs' words, so a resumed run reads its text with the same ids."""
+    latest = checkpoint.latest_checkpoint(cfg.train.run_dir) if cfg.train.resume else None
+    if latest is not None:
+        tok = ToyTokenizer.from_json(checkpoint.read_state(latest)["tokenizer"])
+    else:
+        tok = ToyTokenizer.from_texts([t for p in pairs for t in (p.understand.question, p.understand.answer,
+                                                                  p.generate.prompt, p.generate.question,
+                                                                  p.generate.answer)])
+    palette = None
+    if cfg.model.tiny_palette:
+        n_codes = janus.tiny_janus_config(len(tok)).vq_config.num_embeddings
+        palette = janus.codebook_palette([toyworld.BACKGROUND, *toyworld.COLORS.values()], n_codes,
+                                         seed=cfg.model.tiny_seed)
+    model = janus.tiny_janus(len(tok), seed=cfg.model.tiny_seed, palette=palette)
+    log.info("model: tiny random Janus (vocab %d), attention sdpa", len(tok))
+    model = model.to(device=device, dtype=janus.DTYPES[cfg.model.dtype])
+    vis = model.config.vision_config
+    return model, ToyPrompts(tok, image_size=vis.image_size, num_image_tokens=vis.num_image_tokens), tok
+
+
+def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
+             tokenizer_json: str | None = None) -> Components:
+    """The rest of construction around a built model: what trains, the reference model, FSDP2 under
+    torchrun, the optimizer, the rewards, the pair sampler, the image cache and the checkpoints."""
+    device = next(model.parameters()).device
+    env = distributed.current()  # None in a single process
+    distributed.local_pairs(cfg.data.pairs_per_step, env)  # raises unless every rank gets whole pairs
+    log.info("trainable parameters: %s", janus.set_trainable(model, cfg.model.train_modules))
+    if cfg.model.gradient_checkpointing:
+        janus.enable_gradient_checkpointing(model)
+    ref_model = None
+    if cfg.algo.beta > 0:  # a frozen copy of the initial policy; never built when beta == 0
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    fsdp = None  # parameters below are DTensor shards once the root exists
+    if env is not None:
+        dc = cfg.distributed
+        fsdp = distributed.shard_model(model, env, param_dtype=dc.param_dtype, reduce_dtype=dc.reduce_dtype,
+                                       reshard_after_forward=dc.reshard_after_forward)
+    optimizer = PolicyOptimizer(model, cfg.optim, device)
+    answer = functools.partial(answer_questions, model, prompts, max_new_tokens=cfg.rollout.max_new_tokens)
+    task_rewards = {}
+    for task in TASKS:
+        name = getattr(cfg.reward, task)
+        asks_policy = {"answer_fn": answer} if rewards.reward_needs(name).policy else {}
+        task_rewards[task] = rewards.build_reward(name, cfg.reward, device=device, **asks_policy)
+    return Components(
+        model=model, prompts=prompts, pairs=pairs,
+        sampler=PairSampler(pairs, cfg.data.pairs_per_step, cfg.train.seed, cfg.data.shuffle),
+        images=ImageCache(data_root, prompts.image_size, load_image), optimizer=optimizer, rewards=task_rewards,
+        checkpoints=Checkpointer(cfg.train.run_dir, model, optimizer, fsdp), device=device, dist=env, fsdp=fsdp,
+        ref_model=ref_model, tokenizer_json=tokenizer_json)

@@ -1,0 +1,92 @@
+"""What a run reports: metrics.jsonl, TensorBoard scalars, the reward-curve PNG, the end-of-run summary.
+
+One row per step (`PairGRPOTrainer.train_step`): the step, mean rewards, the loss statistics of
+the last inner epoch per task, the gradient norm, timings and (CUDA) peak memory. Only rank 0
+writes; a resumed run rewrites history after its checkpoint, so the file reads like one run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("pairuni.metrics")
+
+REWARD_KEYS = (("reward.understanding", "understanding"), ("reward.generation", "generation"))
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard scalars + a reward-curve PNG, all in the run directory.
+
+    enabled=False (ranks other than 0) keeps the rows in memory and writes nothing.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int, *, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
+        kept = []
+        if self.path.exists():  # a resumed run rewrites history after its checkpoint
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.rows = [json.loads(ln) for ln in kept]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+        except ImportError:
+            log.warning("tensorboard is not installed; TensorBoard logs are skipped")
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k.replace(".", "/"), v, row["step"])
+
+    def plot(self) -> Path | None:
+        if not self.enabled:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps = [r["step"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in REWARD_KEYS:
+            ax.plot(steps, [r[key] for r in self.rows], marker=".", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean reward")
+        ax.set_title("PairGRPO rewards")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.run_dir / "reward_curve.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean rewards over the first and the last k steps (k = a third of the run, 1 to 5)."""
+    k = max(1, min(5, len(rows) // 3))
+    out = {}
+    for key, _ in REWARD_KEYS:
+        out[f"{key}.first"] = sum(r[key] for r in rows[:k]) / k
+        out[f"{key}.last"] = sum(r[key] for r in rows[-k:]) / k
+    return out
