@@ -6,8 +6,9 @@
     optimizer.step()
 
 - `adamw8bit`: bitsandbytes' 8-bit AdamW (state ~2 bytes per parameter instead of 8), the
-  setting that fits Janus-Pro-7B on one GPU; `adamw`: torch's (fp32 state; the choice under
-  torchrun, where FSDP2's DTensor parameters are sharded and bitsandbytes cannot step them).
+  setting that fits Janus-Pro-7B on one GPU; non-paged, so its state is ordinary device memory.
+- `adamw`: torch's (fp32 state; the choice under torchrun, where FSDP2's DTensor parameters are
+  sharded and bitsandbytes cannot step them).
 - Master weights (`optim.master_weights` with bf16/fp16 weights): the optimizer steps fp32
   copies and rounds them into the model. With bf16 weights and lr 1e-6 most AdamW steps are
   below half a bf16 ulp and vanish; the fp32 copy keeps them.
@@ -30,7 +31,10 @@ def optimizer_class(name: str, device_type: str):
         return torch.optim.AdamW
     import bitsandbytes as bnb
 
-    return bnb.optim.PagedAdamW8bit if device_type == "cuda" else bnb.optim.AdamW8bit
+    # Non-paged on every device: paged state lives in CUDA managed memory, which
+    # torch.cuda.max_memory_allocated does not count (the measured peak would understate the run) and
+    # which can oversubscribe a GPU shared with other jobs.
+    return bnb.optim.AdamW8bit
 
 
 class PolicyOptimizer:

@@ -31,6 +31,21 @@ def _weights(tr):
     return torch.cat([p.detach().float().flatten() for p in tr.optimizer.params])
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_adamw8bit_is_never_paged(device_type):
+    """Paged optimizer state lives in CUDA managed memory: torch.cuda.max_memory_allocated would not count it
+    and a shared GPU could be oversubscribed. The choice is made without a GPU, so it is tested on CPU."""
+    import bitsandbytes as bnb
+
+    from engine.optim import optimizer_class
+
+    chosen = optimizer_class("adamw8bit", device_type)
+    assert chosen is bnb.optim.AdamW8bit and not issubclass(chosen, bnb.optim.PagedAdamW8bit)
+    assert optimizer_class("adamw", device_type) is torch.optim.AdamW
+    with pytest.raises(ValueError, match="optim.optimizer"):
+        optimizer_class("sgd", device_type)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
 def test_lr_1e6_updates_survive_only_with_master_weights(world, tmp_path, optimizer):
     moved = {}
