@@ -98,7 +98,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff", "pyyaml", "tqdm"],
         "flash": ["flash-attn"],
-        # only for tests/integrations: the drop-ins are compared with the real TRL
+        # only for tests/pairuni_kernels/integrations: the drop-ins are compared with the real TRL
         "test-integrations": ["trl==1.16.0"],
         "train": [
             "transformers>=4.56",
