@@ -27,12 +27,16 @@ test: $(STAMP) cuda-check
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
-# Compile-check the torch-free CUDA header with plain nvcc when nvcc exists (no GPU needed).
-cuda-check:
-	@if command -v nvcc >/dev/null 2>&1 && [ -f csrc/check/header_check.cu ]; then \
+# Compile-check, without a GPU and without linking, the torch-free CUDA header (plain nvcc) and the
+# CUDA binding csrc/cfg_sampling.cu (torch's headers and nvcc flags) for sm_80 and sm_90.
+# A machine without nvcc skips both with a message.
+cuda-check: $(STAMP)
+	@if command -v nvcc >/dev/null 2>&1; then \
 		echo "nvcc compile-check of csrc/cfg_sampling.cuh"; \
-		nvcc -std=c++17 -arch=sm_80 -Icsrc -c csrc/check/header_check.cu -o /tmp/pairuni_check_header.o; \
-	else echo "cuda-check: nvcc or csrc/check/header_check.cu not found, skipped"; fi
+		nvcc -std=c++17 -arch=sm_80 -Icsrc -c csrc/check/header_check.cu -o /tmp/pairuni_check_header.o && \
+		echo "nvcc compile-check of csrc/cfg_sampling.cu (objects only)" && \
+		$(BIN)/python csrc/check/compile_binding.py --arch 80 90; \
+	else echo "cuda-check: nvcc not found, skipped"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check pairuni_kernels engine tests benchmarks
