@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.pairuni-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup cuda-check lint clean
+.PHONY: demo test bench setup cuda-check lint clean wheels gpu-session-dry-run
 
 setup: $(STAMP)
 
@@ -37,6 +37,15 @@ cuda-check: $(STAMP)
 		echo "nvcc compile-check of csrc/cfg_sampling.cu (objects only)" && \
 		$(BIN)/python csrc/check/compile_binding.py --arch 80 90; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# bitsandbytes for the GPU machine (no network there; Python 3.12, x86-64): carried as wheels/, git-ignored
+wheels:
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		-d wheels bitsandbytes
+
+gpu-session-dry-run: $(STAMP)
+	$(BIN)/python benchmarks/gpu_session.py --dry-run --work /tmp/pairuni_session_dry --out /tmp/pairuni_out_dry
 
 lint: $(STAMP)
 	$(BIN)/ruff check pairuni_kernels engine tests benchmarks

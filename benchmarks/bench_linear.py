@@ -189,8 +189,11 @@ def _liger_available() -> str | None:
     return None
 
 
-def collect(device: str, quick: bool) -> list[dict]:
+def collect(device: str, quick: bool, only: list[str] | None = None) -> list[dict]:
+    """`only`: case names (from FULL_SHAPES / QUICK_SHAPES) to run instead of all of them."""
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    if only:
+        shapes = [s for s in shapes if s[0] in only]
     impls = list(IMPLS) + (["matmuls"] if device == "cuda" else [])
     liger_missing = _liger_available()
     rows = []

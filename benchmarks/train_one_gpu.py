@@ -9,8 +9,8 @@ with exactly the released shapes (engine.janus_shapes) measures what a real run 
 download. Each step is the engine's own `PairGRPOTrainer.train_step`: understanding rollouts
 (G answers of up to `--answer-tokens` tokens to a question about a 384 px image = 576 vision
 tokens), CFG image rollouts (G images x 576 tokens, [cond; uncond]), rewards, advantages, then the
-update (teacher-forced forward/backward with gradient checkpointing, fused linear losses, paged
-AdamW8bit). One pair per step, bf16 weights, the settings of configs/janus_pro_7b_1gpu.yaml.
+update (teacher-forced forward/backward with gradient checkpointing, fused linear losses, AdamW8bit,
+or torch AdamW with --optimizer adamw). One pair per step, bf16 weights, the settings of configs/janus_pro_7b_1gpu.yaml.
 
 Departures from a real run, all on the cheap side of the rollouts only: prompts come from the toy
 tokenizer (a question is ~10-20 tokens plus 576 image tokens; Janus' chat template adds ~30),
@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,38 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, text_overri
     return model.eval(), attn
 
 
+class DeviceMemoryPeak:
+    """Highest device memory in use (total - free, from cudaMemGetInfo) while the block runs, sampled by
+    a thread: unlike max_memory_allocated it sees memory outside torch's caching allocator."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.005):
+        self.device, self.period_s, self.peak_gib = device, period_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _used_gib(self) -> float:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (total - free) / 2**30
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak_gib = max(self.peak_gib, self._used_gib())
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.peak_gib = self._used_gib()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self._stop.set()
+            self._thread.join()
+            self.peak_gib = max(self.peak_gib, self._used_gib())
+        return False
+
+
 def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
     from engine import plan
     from engine.config import load_config
@@ -83,7 +116,7 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
 
     overrides = [f"rollout.group_size={group_size}", "data.pairs_per_step=1", "data.max_pairs=null",
                  f"rollout.max_new_tokens={args.answer_tokens}", "model.dtype=bfloat16",
-                 "model.gradient_checkpointing=true", "optim.optimizer=adamw8bit", "optim.lr=1e-6",
+                 "model.gradient_checkpointing=true", f"optim.optimizer={args.optimizer}", "optim.lr=1e-6",
                  f"optim.micro_batch_size={args.micro_batch}", "algo.mu=1",
                  f"optim.master_weights={str(args.master_weights).lower()}", "reward.generation=toyworld",
                  f"train.device={device.type}", "train.progress=false", f"train.run_dir={args.run_dir}/{name}"]
@@ -113,7 +146,8 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
         result["mem_after_build_gib"] = torch.cuda.memory_allocated(device) / 2**30
     for _ in range(args.steps):
         try:
-            row = trainer.train_step()
+            with DeviceMemoryPeak(device) as device_peak:
+                row = trainer.train_step()
         except torch.OutOfMemoryError as exc:
             result["oom"] = str(exc).splitlines()[0]
             result["memory_summary"] = torch.cuda.memory_summary(device) if device.type == "cuda" else ""
@@ -123,6 +157,7 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
         if "mem.peak_gib" in row:
             step["peak_allocated_gib"] = row["mem.peak_gib"]
             step["reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
+            step["device_used_peak_gib"] = device_peak.peak_gib
         result["steps"].append(step)
         print(f"{name} step {len(result['steps'])}: " + ", ".join(f"{k} {v:.2f}" for k, v in step.items()), flush=True)
     # the planner's estimate for this very run (prompt width: the longest understanding prompt seen)
@@ -139,6 +174,7 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
         result["mean_after_first"] = {k: sum(s[k] for s in later) / len(later) for k in later[0]}
         if "peak_allocated_gib" in later[0]:
             result["max_peak_allocated_gib"] = max(s["peak_allocated_gib"] for s in result["steps"])
+            result["max_device_used_gib"] = max(s["device_used_peak_gib"] for s in result["steps"])
     del trainer, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -148,20 +184,24 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
 def markdown(results: list[dict], env: dict) -> str:
     lines = [f"# PairGRPO on one device: {env['device_name']}", "",
              f"torch {env['torch']}, {env['when']}; random weights, one pair per step, bf16, gradient "
-             "checkpointing, AdamW8bit, mu=1, fp32 master weights "
+             "checkpointing, optimizer as in the table, mu=1, fp32 master weights "
              f"{'on' if results and results[0].get('master_weights') else 'off'}.", "",
-             "| model | G | params (B) | peak allocated (GiB) | planned peak (GiB) | rollout (s) | update (s) "
-             "| step (s) | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | G | optimizer | params (B) | peak allocated (GiB) | peak device used (GiB) | planned peak (GiB) "
+             "| rollout (s) | update (s) | step (s) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.get("mean_after_first", {})
-        lines.append("| {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} |".format(
-            r["model"], r["group_size"], r["parameters"] / 1e9,
+        lines.append("| {} | {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["model"], r["group_size"], r["optimizer"], r["parameters"] / 1e9,
             f"{r['max_peak_allocated_gib']:.1f}" if "max_peak_allocated_gib" in r else "-",
+            f"{r['max_device_used_gib']:.1f}" if "max_device_used_gib" in r else "-",
             f"{r['plan_gib']['peak']:.1f}" if "plan_gib" in r else "-",
             *(f"{m[k]:.2f}" if k in m else "-" for k in ("rollout_s", "update_s", "step_s")),
             ("OOM: " + r["oom"][:60]) if "oom" in r else r["shapes"] if r["shapes"] != "exact" else ""))
-    lines += ["", "Times are means over the steps after the first; peak is the maximum over all steps."]
+    lines += ["", "Times are means over the steps after the first; peaks are maxima over all steps. Peak allocated "
+              "is torch.cuda.max_memory_allocated (the caching allocator's tensors); peak device used is "
+              "total - free from torch.cuda.mem_get_info, sampled every 5 ms during each step (everything on "
+              "the device: the allocator's cache, CUDA context, library workspaces, managed memory)."]
     return "\n".join(lines) + "\n"
 
 
@@ -175,6 +215,8 @@ def main(argv=None) -> int:
                     help="fp32 master weights (optim.master_weights): what lr 1e-6 on bf16 weights needs; +4 B/param")
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "auto", "flash_attention_2", "eager"),
                     help="attention of the language model (auto: flash-attention-2 when importable, as the engine)")
+    ap.add_argument("--optimizer", default="adamw8bit", choices=("adamw8bit", "adamw"),
+                    help="adamw when bitsandbytes is not installed (the GPU session records which ran)")
     ap.add_argument("--smoke", action="store_true", help="scaled-down shapes, CPU allowed: checks the script only")
     ap.add_argument("--run-dir", default="/tmp/pairuni_bench_7b")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
