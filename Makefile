@@ -38,11 +38,13 @@ cuda-check: $(STAMP)
 		$(BIN)/python csrc/check/compile_binding.py --arch 80 90; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
 
-# bitsandbytes for the GPU machine (no network there; Python 3.12, x86-64): carried as wheels/, git-ignored
+# bitsandbytes for the GPU machine (no network there; Python 3.12, x86-64): carried as wheels/, git-ignored.
+# Pinned: the GPU session installs the one wheel it finds (its needs, torch, numpy, packaging, are there).
+BNB_VERSION ?= 0.50.2
 wheels:
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-		-d wheels bitsandbytes
+		-d wheels bitsandbytes==$(BNB_VERSION)
 
 gpu-session-dry-run: $(STAMP)
 	$(BIN)/python benchmarks/gpu_session.py --dry-run --work /tmp/pairuni_session_dry --out /tmp/pairuni_out_dry

@@ -25,13 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from _isolate import run_group
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
 def environment(device: str) -> dict:
+    import torch
+
     env = {
         "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
@@ -68,8 +70,9 @@ def load_suite(path: Path):
     return module
 
 
-def run_suite(path: Path, device: str, quick: bool, out: Path, suffix: str, cases: list[str] | None) -> None:
-    """One suite in this process: collect, then write its JSON and markdown table."""
+def run_suite(path: Path, device: str, quick: bool, out: Path, suffix: str, cases: list[str] | None) -> int:
+    """One suite in this process: collect, then write its JSON and markdown table. Returns 1 when a row
+    says that its case failed or timed out (suites that run cases in child processes record them so)."""
     suite = path.stem[len("bench_"):]
     module = load_suite(path)
     kwargs = {"only": cases} if cases and "only" in inspect.signature(module.collect).parameters else {}
@@ -79,6 +82,10 @@ def run_suite(path: Path, device: str, quick: bool, out: Path, suffix: str, case
     table = markdown_table(rows)
     (out / f"{suite}{suffix}.md").write_text(f"# {suite} on {env['device_name']}\n\n{json.dumps(env)}\n\n{table}\n")
     print(table, flush=True)
+    failed = [r for r in rows if str(r.get("note", "")).startswith(("failed", "timed out"))]
+    for r in failed:
+        print(f"case failed: {r.get('case')} {r.get('impl')}: {r['note']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def isolated(path: Path, args, out: Path) -> dict:
@@ -88,12 +95,9 @@ def isolated(path: Path, args, out: Path) -> dict:
     cmd += ["--quick"] if args.quick else []
     cmd += ["--cases", *args.cases] if args.cases else []
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        status, tail = ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"), proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        status = f"timed out after {args.timeout:.0f} s"
-        tail = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+    code, tail = run_group(cmd, args.timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           errors="replace")
+    status = f"timed out after {args.timeout:.0f} s" if code is None else "ok" if code == 0 else f"failed (exit {code})"
     record = {"suite": suite, "status": status, "seconds": round(time.perf_counter() - t0, 1)}
     if status != "ok":
         record["tail"] = tail[-3000:]
@@ -107,18 +111,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     p.add_argument("--only", nargs="*", default=None, help="suite names, e.g. policy_loss advantages")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds each suite may take")
     p.add_argument("--cases", nargs="*", default=None, help="case names for suites that can select cases")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device is None:  # torch is imported only here and in the suites' own processes
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.device}" + ("_quick" if args.quick else "")
     if args.child:
-        run_suite(HERE / f"bench_{args.child}.py", args.device, args.quick, out, suffix, args.cases)
-        return 0
+        return run_suite(HERE / f"bench_{args.child}.py", args.device, args.quick, out, suffix, args.cases)
     suites = sorted(HERE.glob("bench_*.py"))
     if args.only:
         suites = [s for s in suites if s.stem[len("bench_"):] in args.only]

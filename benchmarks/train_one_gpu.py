@@ -2,7 +2,7 @@
 
     python benchmarks/train_one_gpu.py                       # 7B with G=4, then 1B with G=8 (CUDA)
     python benchmarks/train_one_gpu.py --only janus-pro-7b --steps 3
-    python benchmarks/train_one_gpu.py --smoke               # scaled-down shapes on CPU: checks the script only
+    python benchmarks/train_one_gpu.py --smoke               # tiny shapes on CPU: checks the script only
 
 Weights do not change memory or speed, so a randomly initialised `JanusForConditionalGeneration`
 with exactly the released shapes (engine.janus_shapes) measures what a real run costs without any
@@ -43,18 +43,28 @@ sys.path.insert(0, str(REPO))
 
 # (model, group size) pairs of issue 7: 7B with the paper's G=4, 1B with G=8
 RUNS = {"janus-pro-7b": 4, "janus-pro-1b": 8}
-SMOKE_SHAPES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+# --smoke: the released vocabularies (text 102400, image codebook 16384) on a tiny language model, and the
+# engine's tiny vision encoder and VQ model (32 px images, 4x4 = 16 image tokens instead of 576)
+SMOKE_SHAPES = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                     num_key_value_heads=4)
+SMOKE_ANSWER_TOKENS = 8
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype, text_overrides: dict, attn: str):
-    """Random-weight Janus-Pro with the exact (or, for --smoke, overridden) shapes, wired to the toy prompts."""
+def build_model(name: str, device: torch.device, dtype: torch.dtype, text_overrides: dict, attn: str,
+                tiny_image: bool = False):
+    """Random-weight Janus-Pro with the exact (or, for --smoke, overridden) shapes, wired to the toy prompts.
+
+    tiny_image: the engine's tiny vision encoder and VQ model instead of SigLIP-L at 384 px (--smoke).
+    """
     from transformers import JanusForConditionalGeneration
 
-    from engine.janus_shapes import janus_pro_config
-    from engine.model import TINY_SPECIAL, attention_backend
+    from engine.janus_shapes import IMAGE_CODEBOOK, janus_pro_config
+    from engine.model import TINY_SPECIAL, attention_backend, tiny_janus_config
 
     config = janus_pro_config(name, **text_overrides)
+    if tiny_image:
+        tiny = tiny_janus_config(hidden_size=config.text_config.hidden_size, codebook_size=IMAGE_CODEBOOK)
+        config.vision_config, config.vq_config = tiny.vision_config, tiny.vq_config
     config.image_token_id = TINY_SPECIAL.image  # the toy prompts' image placeholder
     if attn == "auto":
         attn = attention_backend() if device.type == "cuda" else "sdpa"
@@ -130,13 +140,14 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    model, attn = build_model(name, device, torch.bfloat16, shapes, args.attn)
+    model, attn = build_model(name, device, torch.bfloat16, shapes, args.attn, tiny_image=args.smoke)
     build_s = time.perf_counter() - t0
     vis = model.config.vision_config
     prompts = ToyPrompts(tok, image_size=vis.image_size, num_image_tokens=vis.num_image_tokens)
     trainer = PairGRPOTrainer(cfg, model, prompts, pairs, root, tokenizer_json=tok.to_json())
     counts = parameter_counts(model.config)
-    result = {"model": name, "shapes": "exact" if not shapes else f"smoke {shapes}", "group_size": group_size,
+    result = {"model": name, "shapes": "exact" if not shapes else f"smoke: text {shapes}, tiny vision and VQ",
+              "group_size": group_size,
               "pairs_per_step": 1, "image_tokens": image_token_count(model), "answer_tokens": args.answer_tokens,
               "micro_batch": args.micro_batch, "attention": attn, "dtype": "bfloat16",
               "optimizer": type(trainer.optimizer).__name__, "gradient_checkpointing": True,
@@ -209,7 +220,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=tuple(RUNS), default=None)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--answer-tokens", type=int, default=64)
+    ap.add_argument("--answer-tokens", type=int, default=None,
+                    help=f"answer length of the understanding rollouts (64; {SMOKE_ANSWER_TOKENS} with --smoke)")
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--master-weights", action="store_true",
                     help="fp32 master weights (optim.master_weights): what lr 1e-6 on bf16 weights needs; +4 B/param")
@@ -217,10 +229,13 @@ def main(argv=None) -> int:
                     help="attention of the language model (auto: flash-attention-2 when importable, as the engine)")
     ap.add_argument("--optimizer", default="adamw8bit", choices=("adamw8bit", "adamw"),
                     help="adamw when bitsandbytes is not installed (the GPU session records which ran)")
-    ap.add_argument("--smoke", action="store_true", help="scaled-down shapes, CPU allowed: checks the script only")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes (see SMOKE_SHAPES), CPU allowed: checks the script only")
     ap.add_argument("--run-dir", default="/tmp/pairuni_bench_7b")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.answer_tokens is None:
+        args.answer_tokens = SMOKE_ANSWER_TOKENS if args.smoke else 64
     import logging
 
     logging.basicConfig(level=logging.WARNING)
