@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.pairuni-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup cuda-check lint clean
+.PHONY: demo test bench setup cuda-check lint clean wheels gpu-session-dry-run
 
 setup: $(STAMP)
 
@@ -27,12 +27,27 @@ test: $(STAMP) cuda-check
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
-# Compile-check the torch-free CUDA header with plain nvcc when nvcc exists (no GPU needed).
-cuda-check:
-	@if command -v nvcc >/dev/null 2>&1 && [ -f csrc/check/header_check.cu ]; then \
+# Compile-check, without a GPU and without linking, the torch-free CUDA header (plain nvcc) and the
+# CUDA binding csrc/cfg_sampling.cu (torch's headers and nvcc flags) for sm_80 and sm_90.
+# A machine without nvcc skips both with a message.
+cuda-check: $(STAMP)
+	@if command -v nvcc >/dev/null 2>&1; then \
 		echo "nvcc compile-check of csrc/cfg_sampling.cuh"; \
-		nvcc -std=c++17 -arch=sm_80 -Icsrc -c csrc/check/header_check.cu -o /tmp/pairuni_check_header.o; \
-	else echo "cuda-check: nvcc or csrc/check/header_check.cu not found, skipped"; fi
+		nvcc -std=c++17 -arch=sm_80 -Icsrc -c csrc/check/header_check.cu -o /tmp/pairuni_check_header.o && \
+		echo "nvcc compile-check of csrc/cfg_sampling.cu (objects only)" && \
+		$(BIN)/python csrc/check/compile_binding.py --arch 80 90; \
+	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# bitsandbytes for the GPU machine (no network there; Python 3.12, x86-64): carried as wheels/, git-ignored.
+# Pinned: the GPU session installs the one wheel it finds (its needs, torch, numpy, packaging, are there).
+BNB_VERSION ?= 0.50.2
+wheels:
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		-d wheels bitsandbytes==$(BNB_VERSION)
+
+gpu-session-dry-run: $(STAMP)
+	$(BIN)/python benchmarks/gpu_session.py --dry-run --work /tmp/pairuni_session_dry --out /tmp/pairuni_out_dry
 
 lint: $(STAMP)
 	$(BIN)/ruff check pairuni_kernels engine tests benchmarks

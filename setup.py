@@ -56,8 +56,11 @@ def _extensions():
         and (torch.cuda.is_available() or _env_flag("FORCE_CUDA"))
         and bool(nvcc)
     )
-    # no FMA contraction: the CPU sampler's noise must stay bit-identical to the torch reference
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    # no FMA contraction: the CPU sampler's noise must stay bit-identical to the torch reference;
+    # OpenMP runs the CPU kernel's at::parallel_for on every core, in the CUDA build too
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+    # one list shared with csrc/check/compile_binding.py (make cuda-check)
+    nvcc_flags = open(os.path.join(here, "csrc", "nvcc_flags.txt")).read().split()
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
@@ -66,15 +69,16 @@ def _extensions():
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DPAIRUNI_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DPAIRUNI_WITH_CUDA"],
+                "nvcc": nvcc_flags,
             },
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(
             "pairuni_kernels._C",
             cpp_sources,
             include_dirs=[os.path.join(here, "csrc")],
-            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
+            extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
@@ -98,7 +102,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff", "pyyaml", "tqdm"],
         "flash": ["flash-attn"],
-        # only for tests/integrations: the drop-ins are compared with the real TRL
+        # only for tests/pairuni_kernels/integrations: the drop-ins are compared with the real TRL
         "test-integrations": ["trl==1.16.0"],
         "train": [
             "transformers>=4.56",

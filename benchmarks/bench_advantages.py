@@ -28,7 +28,7 @@ def collect(device: str, quick: bool) -> list[dict]:
             impls["triton"] = lambda: group_advantages(rewards, ids, weights=weights)
         base = None
         for name, fn in impls.items():
-            ms = time_ms(fn, device, warmup=2, reps=10)["median_ms"]
+            ms = time_ms(fn, device, warmup=1 if quick else 2, reps=3 if quick else 10)["median_ms"]
             base = base or ms
             rows.append({"case": f"N={n} G={group}", "impl": name, "ms": ms,
                          "eff_gbps": n * 20 / (ms * 1e-3) / 1e9, "speedup_vs_reference": base / ms})

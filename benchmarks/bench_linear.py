@@ -12,6 +12,9 @@ Implementations (forward + backward of the loss w.r.t. hidden and head weight, b
   matmuls   (CUDA only) the three matmuls no implementation can avoid: logits, grad hidden,
             grad weight; the floor the fused time is compared with
 
+--quick (a check that the suite runs: CI's dry run of the GPU session) takes the two small shapes and
+leaves out `compiled`.
+
 Every case runs in its own subprocess so that one case's allocations cannot hide another's peak.
 Peak extra memory is the peak above what was resident just before the measured step (inputs,
 weights, warm-up leftovers): on CUDA `max_memory_allocated - memory_allocated`, on CPU the peak
@@ -51,6 +54,7 @@ QUICK_SHAPES = [
     ("quick text 2x128 H256", 2, 128, 256, 16384),
 ]
 IMPLS = ("fused", "unfused", "compiled", "liger")
+QUICK_IMPLS = ("fused", "unfused", "liger")  # --quick checks the suite runs: no torch.compile
 DTYPE = torch.bfloat16
 CASE_TIMEOUT_S = 900
 # glibc: serve every allocation >= 64 KiB by mmap and give freed memory straight back, so the CPU
@@ -189,9 +193,12 @@ def _liger_available() -> str | None:
     return None
 
 
-def collect(device: str, quick: bool) -> list[dict]:
+def collect(device: str, quick: bool, only: list[str] | None = None) -> list[dict]:
+    """`only`: case names (from FULL_SHAPES / QUICK_SHAPES) to run instead of all of them."""
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
-    impls = list(IMPLS) + (["matmuls"] if device == "cuda" else [])
+    if only:
+        shapes = [s for s in shapes if s[0] in only]
+    impls = list(QUICK_IMPLS if quick else IMPLS) + (["matmuls"] if device == "cuda" else [])
     liger_missing = _liger_available()
     rows = []
     for name, n, t, h, v in shapes:

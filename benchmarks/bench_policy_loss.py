@@ -5,6 +5,7 @@ fp32) and the mask (1 B); backward reads them again and writes the fp32 gradient
 22 B/token plus [N]-sized advantages. Effective GB/s = counted bytes / median time, and
 `of_copy` = that over the measured device-to-device copy bandwidth.
 On CPU only the reference runs (Triton on CPU is the interpreter: correctness only).
+--quick (a check that the suite runs) leaves out torch.compile and times 3 repetitions.
 """
 
 from __future__ import annotations
@@ -39,17 +40,20 @@ def _step(loss_fn, lp, old, adv, mask):
 def collect(device: str, quick: bool) -> list[dict]:
     rows = []
     shapes = QUICK_SHAPES if quick else (SHAPES if device == "cuda" else SHAPES[:4])
-    compiled_ref = torch.compile(reference.clipped_policy_loss)
+    compiled_ref = None if quick else torch.compile(reference.clipped_policy_loss)
     for n, t in shapes:
         lp, old, adv, mask = _inputs(n, t, device)
         nbytes = n * t * BYTES_PER_TOKEN
-        impls = {"reference_eager": reference.clipped_policy_loss, "reference_compiled": compiled_ref}
+        impls = {"reference_eager": reference.clipped_policy_loss}
+        if compiled_ref is not None:
+            impls["reference_compiled"] = compiled_ref
         if device == "cuda":
             impls["triton"] = fused_loss
         copy_gbps = copy_bandwidth_gbps(nbytes, device) if device == "cuda" else None
         times = {}
         for name, fn in impls.items():
-            stats = time_ms(_step(fn, lp, old, adv, mask), device, warmup=3, reps=10 if n * t < 2**22 else 5)
+            warmup, reps = (1, 3) if quick else (3, 10 if n * t < 2**22 else 5)
+            stats = time_ms(_step(fn, lp, old, adv, mask), device, warmup=warmup, reps=reps)
             times[name] = stats["median_ms"]
             gbps = nbytes / (stats["median_ms"] * 1e-3) / 1e9
             row = {"case": f"N={n} T={t}", "impl": name, "fwd_bwd_ms": stats["median_ms"],

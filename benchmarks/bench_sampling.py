@@ -32,7 +32,7 @@ from pairuni_kernels.sampling import cfg_sample
 VOCAB = 16384
 GUIDANCE, TEMPERATURE = 5.0, 1.0
 BATCHES = [1, 8, 16, 64]
-QUICK_BATCHES = [1, 16]
+QUICK_BATCHES = [1, 4]  # --quick checks the suite runs (CI's dry run of the GPU session)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -131,7 +131,7 @@ def collect(device: str, quick: bool) -> list[dict]:
     rows = []
     processors = hf_processor_list()
     threads = torch.get_num_threads()
-    reps = 10 if quick else 30
+    warmup, reps = (1, 3) if quick else (3, 30)
     for dtype_name, dtype in DTYPES.items():
         for batch in (QUICK_BATCHES if quick else BATCHES):
             g = torch.Generator(device="cpu").manual_seed(batch)
@@ -140,7 +140,7 @@ def collect(device: str, quick: bool) -> list[dict]:
             copy = copy_ms(nbytes, device) if device == "cuda" else None
             base = None
             for name, fn in implementations(blocked, batch, device, processors).items():
-                t = time_ms(fn, device, warmup=3, reps=reps)
+                t = time_ms(fn, device, warmup=warmup, reps=reps)
                 base = base or t["median_ms"]
                 row = {"case": f"B={batch} V={VOCAB} {dtype_name}", "impl": name, "ms": t["median_ms"],
                        "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"], "speedup_vs_janus": base / t["median_ms"],

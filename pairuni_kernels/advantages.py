@@ -15,12 +15,16 @@ exactness and no host sync, not bandwidth.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference as ref
 from ._backend import use_triton
+from ._checks import FLOAT_DTYPES
+from ._launch import KernelLaunch, unique
 
 _SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
 
@@ -106,33 +110,66 @@ def segment_groups(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return perm, seg_start
 
 
-def group_advantages_triton(rewards, group_ids, weights=None, eps=1e-6, scale="group",
-                            segs: int = 32, block: int = 16) -> torch.Tensor:
-    """Launcher: one kernel launch after the device-side segmentation. Returns [N] float32."""
+#: Groups per program and rewards per group tile of `_group_advantages_kernel`.
+SEGS, BLOCK = 32, 16
+PAIR_BLOCK = 1024
+
+
+def _advantages_launch(rewards, group_ids, weights, eps, scale) -> tuple[KernelLaunch, torch.Tensor]:
+    """Reward tensors are [N]-sized, so they are read as float32 whatever the caller's dtype: one
+    compiled variant per knob instead of one per dtype pair."""
     n = rewards.numel()
     out = torch.empty(n, dtype=torch.float32, device=rewards.device)
-    if n == 0:
-        return out
-    rewards = rewards.contiguous()
+    rewards = rewards.to(torch.float32).contiguous()
     perm, seg_start = segment_groups(group_ids)
-    batch_std = (rewards.float().std() if n > 1 else rewards.new_zeros((), dtype=torch.float32)).reshape(1)
-    w = weights.contiguous() if weights is not None else rewards
-    grid = (triton.cdiv(n, segs),)
-    _group_advantages_kernel[grid](
-        rewards, w, perm, seg_start, batch_std, out, n, float(eps),
-        SCALE=_SCALE_CODE[scale], HAS_WEIGHTS=weights is not None, SEGS=segs, BLOCK=block,
-    )
+    batch_std = (rewards.std() if n > 1 else rewards.new_zeros(())).reshape(1)
+    w = weights.to(torch.float32).contiguous() if weights is not None else rewards
+    launch = KernelLaunch.build(
+        _group_advantages_kernel, (triton.cdiv(n, SEGS),),
+        (rewards, w, perm, seg_start, batch_std, out, n, float(eps)),
+        {"SCALE": _SCALE_CODE[scale], "HAS_WEIGHTS": weights is not None, "SEGS": SEGS, "BLOCK": BLOCK})
+    return launch, out
+
+
+def group_advantages_triton(rewards, group_ids, weights=None, eps=1e-6, scale="group") -> torch.Tensor:
+    """Launcher: one kernel launch after the device-side segmentation. Returns [N] float32."""
+    launch, out = _advantages_launch(rewards, group_ids, weights, eps, scale)
+    if rewards.numel():
+        launch()
     return out
 
 
-def pair_weights_triton(similarity, aligned, block: int = 1024) -> torch.Tensor:
+def _pair_weights_launch(similarity, aligned) -> tuple[KernelLaunch, torch.Tensor]:
     n = similarity.numel()
     out = torch.empty(n, dtype=torch.float32, device=similarity.device)
-    if n:
-        _pair_weights_kernel[(triton.cdiv(n, block),)](
-            similarity.contiguous(), aligned.contiguous().view(torch.uint8), out, n, BLOCK=block
-        )
+    launch = KernelLaunch.build(
+        _pair_weights_kernel, (triton.cdiv(n, PAIR_BLOCK),),
+        (similarity.to(torch.float32).contiguous(), aligned.contiguous().view(torch.uint8), out, n),
+        {"BLOCK": PAIR_BLOCK})
+    return launch, out
+
+
+def pair_weights_triton(similarity, aligned) -> torch.Tensor:
+    launch, out = _pair_weights_launch(similarity, aligned)
+    if similarity.numel():
+        launch()
     return out
+
+
+def kernel_variants() -> list[KernelLaunch]:
+    """Every distinct launch of the two kernels: each accepted dtype of rewards, weights and
+    similarity, every scale, with and without weights (built on meta tensors)."""
+    launches = []
+    n = 8
+    for r_dt, w_dt, scale, weighted in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES, _SCALE_CODE, (False, True)):
+        rewards = torch.empty(n, dtype=r_dt, device="meta")
+        weights = torch.empty(n, dtype=w_dt, device="meta") if weighted else None
+        launches.append(_advantages_launch(rewards, torch.empty(n, dtype=torch.int64, device="meta"), weights,
+                                           1e-6, scale)[0])
+    for s_dt in FLOAT_DTYPES:
+        launches.append(_pair_weights_launch(torch.empty(n, dtype=s_dt, device="meta"),
+                                             torch.empty(n, dtype=torch.bool, device="meta"))[0])
+    return unique(launches)
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, weights: torch.Tensor | None = None,

@@ -41,6 +41,7 @@ Departures from the textbook composition:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -51,6 +52,7 @@ import triton.language as tl
 from . import reference as ref
 from ._backend import use_triton
 from ._checks import FLOAT_DTYPES, INT_DTYPES, check_mask, check_shape, check_tensor
+from ._launch import KernelLaunch, unique
 from .policy_loss import clipped_policy_loss
 from .reference import PolicyLossOutput, compute_dtype
 
@@ -76,7 +78,9 @@ SINGLE_PASS_MAX_ELEMENTS = 1 << 26
 CPU_FP32_BLOCK_ELEMENTS = 1 << 21
 ROW_ALIGN = 16
 VOCAB_ALIGN = 256
-MAX_BLOCK_V = 4096
+#: Vocabulary tiles of the two kernels: one for small vocabularies, one for real heads. Each entry
+#: is a compiled variant of each kernel; a tile wider than the chunk only masks lanes.
+VOCAB_BLOCKS = (256, 4096)
 
 
 # ============================================================================ Triton kernels
@@ -159,11 +163,21 @@ def _chunk_dlogits_kernel(
 
 
 def _block_v(n_cols: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(max(n_cols, 16)))
+    return next((b for b in VOCAB_BLOCKS if b >= n_cols), VOCAB_BLOCKS[-1])
 
 
 def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
+
+
+def _chunk_constexprs(c: _Chunk, with_entropy: bool) -> tuple[dict, int]:
+    block = _block_v(c.logits.shape[1])
+    return {"HAS_BIAS": c.bias is not None, "WITH_ENTROPY": with_entropy, "BLOCK_V": block}, _num_warps(block)
+
+
+def _bias_arg(c: _Chunk) -> torch.Tensor:
+    """The bias is [V]: read as float32 whatever its dtype (one variant); absent, a stand-in pointer."""
+    return c.bias.to(torch.float32) if c.bias is not None else c.logits
 
 
 # ============================================================================ per-chunk steps
@@ -176,14 +190,16 @@ class _Chunk:
         self.logits, self.targets, self.bias, self.v0, self.inv_temp = logits, targets, bias, v0, inv_temp
 
 
+def _stats_launch(c: _Chunk, mx, sm, tgt, ent, with_entropy: bool) -> KernelLaunch:
+    constexprs, warps = _chunk_constexprs(c, with_entropy)
+    return KernelLaunch.build(
+        _chunk_stats_kernel, (c.logits.shape[0],),
+        (c.logits, c.logits.stride(0), _bias_arg(c), c.targets, c.v0, c.logits.shape[1], mx, sm, tgt, ent,
+         c.inv_temp), constexprs, warps)
+
+
 def _stats_triton(c: _Chunk, mx, sm, tgt, ent, with_entropy: bool, preserve: bool = False) -> None:
-    rows, n_cols = c.logits.shape
-    block = _block_v(n_cols)
-    bias = c.bias if c.bias is not None else c.logits
-    _chunk_stats_kernel[(rows,)](
-        c.logits, c.logits.stride(0), bias, c.targets, c.v0, n_cols, mx, sm, tgt, ent, c.inv_temp,
-        HAS_BIAS=c.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
-    )
+    _stats_launch(c, mx, sm, tgt, ent, with_entropy)()
 
 
 def _scaled_logits_torch(c: _Chunk, dt: torch.dtype, preserve: bool = False) -> torch.Tensor:
@@ -235,16 +251,35 @@ def _stats_torch_block(c: _Chunk, mx, sm, tgt, ent, with_entropy: bool, preserve
     mx.copy_(m_new)
 
 
-def _dlogits_triton(c: _Chunk, lse, g, g_ent, ent) -> None:
-    rows, n_cols = c.logits.shape
-    block = _block_v(n_cols)
-    bias = c.bias if c.bias is not None else c.logits
+def _dlogits_launch(c: _Chunk, lse, g, g_ent, ent) -> KernelLaunch:
     with_entropy = g_ent is not None
-    _chunk_dlogits_kernel[(rows,)](
-        c.logits, c.logits.stride(0), bias, c.targets, c.v0, n_cols, lse, g,
-        g_ent if with_entropy else g, ent if with_entropy else g, c.inv_temp,
-        HAS_BIAS=c.bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
-    )
+    constexprs, warps = _chunk_constexprs(c, with_entropy)
+    return KernelLaunch.build(
+        _chunk_dlogits_kernel, (c.logits.shape[0],),
+        (c.logits, c.logits.stride(0), _bias_arg(c), c.targets, c.v0, c.logits.shape[1], lse, g,
+         g_ent if with_entropy else g, ent if with_entropy else g, c.inv_temp), constexprs, warps)
+
+
+def _dlogits_triton(c: _Chunk, lse, g, g_ent, ent) -> None:
+    _dlogits_launch(c, lse, g, g_ent, ent)()
+
+
+def kernel_variants() -> list[KernelLaunch]:
+    """Every distinct launch of the two chunk kernels: each accepted hidden (= logits) and bias dtype,
+    with and without bias and entropy, a chunk width for every vocabulary tile (meta tensors)."""
+    launches = []
+    rows = 4
+    meta = {"device": "meta"}
+    for dt, bias_dt, with_bias, with_entropy, cols in itertools.product(
+            FLOAT_DTYPES, FLOAT_DTYPES, (False, True), (False, True), VOCAB_BLOCKS):
+        stat = [torch.empty(rows, dtype=torch.float32, **meta) for _ in range(4)]
+        bias = torch.empty(cols, dtype=bias_dt, **meta) if with_bias else None
+        chunk = _Chunk(torch.empty(rows, cols, dtype=dt, **meta), torch.empty(rows, dtype=torch.int64, **meta),
+                       bias, 0, 1.0)
+        launches.append(_stats_launch(chunk, *stat, with_entropy))
+        launches.append(_dlogits_launch(chunk, stat[0], stat[1], stat[2] if with_entropy else None,
+                                        stat[3] if with_entropy else None))
+    return unique(launches)
 
 
 def _dlogits_torch(c: _Chunk, lse, g, g_ent, ent) -> None:

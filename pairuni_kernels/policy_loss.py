@@ -24,26 +24,35 @@ Sequence-level ratios re-read the row once more in each direction (row reduction
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference as ref
 from ._backend import use_triton
-from .reference import LOG_RATIO_CLAMP, PolicyLossOutput
+from ._checks import FLOAT_DTYPES
+from ._launch import KERNEL_FLOAT_DTYPES, KernelLaunch, unique
+from .reference import PolicyLossOutput
 
 _KL_CODE = {name: i for i, name in enumerate(ref.KL_ESTIMATORS)}
 _AGG_CODE = {name: i for i, name in enumerate(ref.LOSS_AGG_MODES)}
 # rows of the per-row statistics tensor written by the forward kernel
 _NUM, _DEN, _COUNT, _CLIP, _KL, _RATIO, _SEQ_LR = range(7)
 _N_STATS = 7
+# a plain float global is rejected by the Triton compiler (the interpreter accepts it)
+LOG_RATIO_CLAMP: tl.constexpr = tl.constexpr(ref.LOG_RATIO_CLAMP)
 
 
 @triton.jit
-def _token_terms(lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
-                 SEQ_LEVEL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
-                 KL_EST: tl.constexpr):
-    """Per-token loss pieces. Returns (token loss, clipped flag, kl, ratio, dpg/dlog_ratio, dkl/dlogp)."""
+def _token_terms(lp, old, ref_lp, a, seq_lr, eps_low, eps_high, dual_c, beta, kl_est,
+                 SEQ_LEVEL: tl.constexpr, HAS_REF: tl.constexpr):
+    """Per-token loss pieces. Returns (token loss, clipped flag, kl, ratio, dpg/dlog_ratio, dkl/dlogp).
+
+    The dual clip (on when dual_c > 1) and the KL estimator (0, 1, 2 = k1, k2, k3) are runtime
+    choices: a few selects per token cost nothing next to the loads, and each constexpr would
+    double the compiled variants."""
     if SEQ_LEVEL:
         log_ratio = tl.zeros_like(lp) + seq_lr
     else:
@@ -55,26 +64,20 @@ def _token_terms(lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
     pg = tl.where(clipped, pg_clipped, pg_unclipped)
     # d pg / d log_ratio: -A * ratio on the unclipped branch, 0 where a clip bound is active
     dpg = tl.where(clipped, 0.0, -a * ratio)
-    if HAS_DUAL:
-        bound = -a * dual_c
-        dual = (a < 0) & (pg > bound)
-        pg = tl.where(dual, bound, pg)
-        dpg = tl.where(dual, 0.0, dpg)
-        clipped = clipped | dual
+    bound = -a * dual_c
+    dual = (a < 0) & (pg > bound) & (dual_c > 1.0)
+    pg = tl.where(dual, bound, pg)
+    dpg = tl.where(dual, 0.0, dpg)
+    clipped = clipped | dual
     if HAS_REF:
-        if KL_EST == 0:  # k1 = logp - ref, d/dlogp = 1
-            kl = lp - ref_lp
-            dkl = tl.zeros_like(lp) + 1.0
-        elif KL_EST == 1:  # k2 = (logp - ref)^2 / 2, d/dlogp = logp - ref
-            kl = 0.5 * (lp - ref_lp) * (lp - ref_lp)
-            dkl = lp - ref_lp
-        else:  # k3 = e^d - d - 1, d = clamp(ref - logp), d/dlogp = (1 - e^d) inside the clamp
-            d_raw = ref_lp - lp
-            d = tl.minimum(tl.maximum(d_raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
-            ed = tl.exp(d)
-            kl = ed - d - 1.0
-            inside = (d_raw >= -LOG_RATIO_CLAMP) & (d_raw <= LOG_RATIO_CLAMP)
-            dkl = tl.where(inside, 1.0 - ed, 0.0)
+        diff = lp - ref_lp
+        # k1 = logp - ref (d/dlogp = 1); k2 = (logp - ref)^2 / 2 (d/dlogp = logp - ref);
+        # k3 = e^d - d - 1 with d = clamp(ref - logp) (d/dlogp = 1 - e^d inside the clamp, 0 outside)
+        d = tl.minimum(tl.maximum(-diff, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+        ed = tl.exp(d)
+        inside = (-diff >= -LOG_RATIO_CLAMP) & (-diff <= LOG_RATIO_CLAMP)
+        kl = tl.where(kl_est == 0, diff, tl.where(kl_est == 1, 0.5 * diff * diff, ed - d - 1.0))
+        dkl = tl.where(kl_est == 0, 1.0, tl.where(kl_est == 1, diff, tl.where(inside, 1.0 - ed, 0.0)))
         tok = pg + beta * kl
     else:
         kl = tl.zeros_like(lp)
@@ -85,9 +88,9 @@ def _token_terms(lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
 
 @triton.jit
 def _load_row_chunk(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
-                    s_lp, s_old, s_ref, s_adv, s_mask, a_row,
-                    HAS_REF: tl.constexpr, ADV_PER_TOKEN: tl.constexpr):
-    """Loads one [BLOCK] chunk of a row; masked entries read as 0 so garbage there never leaks."""
+                    s_lp, s_old, s_ref, s_adv, s_adv_t, s_mask, HAS_REF: tl.constexpr):
+    """Loads one [BLOCK] chunk of a row; masked entries read as 0 so garbage there never leaks.
+    Advantages per row are read with a zero stride along T (every lane loads the row's value)."""
     inb = cols < T
     m = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
     lp = tl.load(logp_ptr + row * s_lp + cols, mask=m, other=0.0).to(tl.float32)
@@ -96,10 +99,7 @@ def _load_row_chunk(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
         ref_lp = tl.load(ref_ptr + row * s_ref + cols, mask=m, other=0.0).to(tl.float32)
     else:
         ref_lp = lp
-    if ADV_PER_TOKEN:
-        a = tl.load(adv_ptr + row * s_adv + cols, mask=m, other=0.0).to(tl.float32)
-    else:
-        a = tl.where(m, a_row, 0.0)
+    a = tl.load(adv_ptr + row * s_adv + cols * s_adv_t, mask=m, other=0.0).to(tl.float32)
     return m, lp, old, ref_lp, a
 
 
@@ -124,18 +124,15 @@ def _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLO
 @triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr,
-    N, T, s_lp, s_old, s_adv, s_mask, s_ref,
-    eps_low, eps_high, dual_c, beta, inv_T,
-    SEQ_LEVEL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
-    AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+    N, T, s_lp, s_old, s_adv, s_adv_t, s_mask, s_ref,
+    eps_low, eps_high, dual_c, beta, inv_T, kl_est, agg,
+    SEQ_LEVEL: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    a_row = 0.0
-    if not ADV_PER_TOKEN:
-        a_row = tl.load(adv_ptr + row).to(tl.float32)
     seq_lr = 0.0
     if SEQ_LEVEL:
-        seq_lr, _ = _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK)
+        # the count is recomputed below; a name bound here must keep one type through the loop
+        seq_lr, _seq_count = _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK)
 
     loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     cnt_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -146,10 +143,9 @@ def _policy_loss_fwd_kernel(
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         m, lp, old, ref_lp, a = _load_row_chunk(
             logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
-            s_lp, s_old, s_ref, s_adv, s_mask, a_row, HAS_REF, ADV_PER_TOKEN)
-        tok, clipped, kl, ratio, _, _ = _token_terms(
-            lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
-            SEQ_LEVEL, HAS_DUAL, HAS_REF, KL_EST)
+            s_lp, s_old, s_ref, s_adv, s_adv_t, s_mask, HAS_REF)
+        tok, clipped, kl, ratio, _dpg, _dkl = _token_terms(
+            lp, old, ref_lp, a, seq_lr, eps_low, eps_high, dual_c, beta, kl_est, SEQ_LEVEL, HAS_REF)
         loss_acc += tl.where(m, tok, 0.0)
         cnt_acc += m.to(tl.float32)
         clip_acc += (m & clipped).to(tl.float32)
@@ -158,18 +154,9 @@ def _policy_loss_fwd_kernel(
 
     row_sum = tl.sum(loss_acc, axis=0)
     count = tl.sum(cnt_acc, axis=0)
-    if AGG == 0:
-        num = row_sum
-        den = count
-    elif AGG == 1:
-        num = row_sum / tl.maximum(count, 1.0)
-        den = tl.where(count > 0, 1.0, 0.0)
-    elif AGG == 2:
-        num = row_sum
-        den = 1.0
-    else:
-        num = row_sum * inv_T
-        den = 0.0
+    # agg 0..3 = token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm
+    num = tl.where(agg == 1, row_sum / tl.maximum(count, 1.0), tl.where(agg == 3, row_sum * inv_T, row_sum))
+    den = tl.where(agg == 0, count, tl.where(agg == 1, tl.where(count > 0, 1.0, 0.0), tl.where(agg == 2, 1.0, 0.0)))
     tl.store(stats_ptr + 0 * N + row, num)
     tl.store(stats_ptr + 1 * N + row, den)
     tl.store(stats_ptr + 2 * N + row, count)
@@ -182,10 +169,9 @@ def _policy_loss_fwd_kernel(
 @triton.jit
 def _policy_loss_bwd_kernel(
     grad_loss_ptr, den_total_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, grad_ptr,
-    N, T, s_lp, s_old, s_adv, s_mask, s_ref, s_grad,
-    eps_low, eps_high, dual_c, beta, inv_T,
-    SEQ_LEVEL: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
-    AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+    N, T, s_lp, s_old, s_adv, s_adv_t, s_mask, s_ref, s_grad,
+    eps_low, eps_high, dual_c, beta, inv_T, kl_est, agg,
+    SEQ_LEVEL: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dL/dlogp_t = g / den_total * c_row * m_t * (d pg_t/d log_ratio_t * d log_ratio_t/d logp_t + beta * dkl_t)
     #   c_row = 1, 1/count, 1, 1/T for the four aggregation modes;
@@ -196,13 +182,7 @@ def _policy_loss_bwd_kernel(
     count = tl.load(stats_ptr + 2 * N + row)
     seq_lr = tl.load(stats_ptr + 6 * N + row)
     scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(den_total_ptr)
-    if AGG == 1:
-        scale = scale / tl.maximum(count, 1.0)
-    elif AGG == 3:
-        scale = scale * inv_T
-    a_row = 0.0
-    if not ADV_PER_TOKEN:
-        a_row = tl.load(adv_ptr + row).to(tl.float32)
+    scale = tl.where(agg == 1, scale / tl.maximum(count, 1.0), tl.where(agg == 3, scale * inv_T, scale))
 
     seq_grad = 0.0
     if SEQ_LEVEL:
@@ -211,10 +191,9 @@ def _policy_loss_bwd_kernel(
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             m, lp, old, ref_lp, a = _load_row_chunk(
                 logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
-                s_lp, s_old, s_ref, s_adv, s_mask, a_row, HAS_REF, ADV_PER_TOKEN)
-            _, _, _, _, dpg, _ = _token_terms(
-                lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
-                SEQ_LEVEL, HAS_DUAL, HAS_REF, KL_EST)
+                s_lp, s_old, s_ref, s_adv, s_adv_t, s_mask, HAS_REF)
+            _tok, _clipped, _kl, _ratio, dpg, _dkl = _token_terms(
+                lp, old, ref_lp, a, seq_lr, eps_low, eps_high, dual_c, beta, kl_est, SEQ_LEVEL, HAS_REF)
             acc += tl.where(m, dpg, 0.0)
         seq_grad = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
 
@@ -222,10 +201,9 @@ def _policy_loss_bwd_kernel(
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         m, lp, old, ref_lp, a = _load_row_chunk(
             logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
-            s_lp, s_old, s_ref, s_adv, s_mask, a_row, HAS_REF, ADV_PER_TOKEN)
-        _, _, _, _, dpg, dkl = _token_terms(
-            lp, old, ref_lp, a, m, seq_lr, eps_low, eps_high, dual_c, beta,
-            SEQ_LEVEL, HAS_DUAL, HAS_REF, KL_EST)
+            s_lp, s_old, s_ref, s_adv, s_adv_t, s_mask, HAS_REF)
+        _tok, _clipped, _kl, _ratio, dpg, dkl = _token_terms(
+            lp, old, ref_lp, a, seq_lr, eps_low, eps_high, dual_c, beta, kl_est, SEQ_LEVEL, HAS_REF)
         d_raw = lp - old
         inside = (d_raw >= -LOG_RATIO_CLAMP) & (d_raw <= LOG_RATIO_CLAMP)
         if SEQ_LEVEL:
@@ -239,8 +217,13 @@ def _policy_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+#: Tiles a row is walked in: one for short answers, one for long ones. Every entry is a compiled
+#: variant of each kernel, so the list stays short; a tile larger than T only masks lanes.
+BLOCK_SIZES = (128, 1024)
+
+
 def _block_for(t: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(t)))
+    return next((b for b in BLOCK_SIZES if b >= t), BLOCK_SIZES[-1])
 
 
 def _inner_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -250,49 +233,102 @@ def _inner_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.contiguous()
 
 
-def _common_args(logp, old_logp, advantages, mask, ref_logp):
-    logp, old_logp, advantages, mask, ref_logp = map(_inner_contiguous, (logp, old_logp, advantages, mask, ref_logp))
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    adv_per_token = advantages.dim() == 2
-    if not adv_per_token:
+def _kernel_dtype(logp, old_logp, ref_logp) -> torch.dtype:
+    """The dtype the kernels read the log-probs in: the caller's when they all share one the kernels
+    take, else float32 (an upcast never loses what the reference path would see)."""
+    same = all(x is None or x.dtype == logp.dtype for x in (old_logp, ref_logp))
+    return logp.dtype if same and logp.dtype in KERNEL_FLOAT_DTYPES else torch.float32
+
+
+def _kernel_tensors(logp, old_logp, advantages, mask, ref_logp):
+    """Inputs as the kernels read them: log-probs in one dtype, advantages in fp32 (per row they are
+    [N]-sized; per token a cast is one pass), the mask as uint8."""
+    dt = _kernel_dtype(logp, old_logp, ref_logp)
+    logp, old_logp, ref_logp = (None if x is None else _inner_contiguous(x.to(dt)) for x in (logp, old_logp, ref_logp))
+    advantages = _inner_contiguous(advantages.to(torch.float32))
+    if advantages.dim() == 1:
         advantages = advantages.contiguous()
-    has_ref = ref_logp is not None
-    ref_arg = ref_logp if has_ref else logp
-    strides = (logp.stride(0), old_logp.stride(0), advantages.stride(0) if adv_per_token else 0,
-               mask.stride(0), ref_arg.stride(0))
-    return logp, old_logp, advantages, mask, ref_arg, strides, adv_per_token, has_ref
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    return logp, old_logp, advantages, _inner_contiguous(mask), ref_logp
 
 
-def _launch_fwd(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, dual_c, beta, kl_est, agg,
-                seq_level) -> torch.Tensor:
+def _row_args(logp, old_logp, advantages, mask, ref_logp):
+    """(ref tensor or a stand-in, strides) shared by both kernels; per-row advantages get a zero T stride."""
+    ref_arg = ref_logp if ref_logp is not None else logp
+    adv_strides = (advantages.stride(0), 1) if advantages.dim() == 2 else (1, 0)
+    return ref_arg, (logp.stride(0), old_logp.stride(0), *adv_strides, mask.stride(0), ref_arg.stride(0))
+
+
+def _knob_args(t, eps_low, eps_high, dual_c, beta, kl_est, agg):
+    return float(eps_low), float(eps_high), float(dual_c), float(beta), 1.0 / t, int(kl_est), int(agg)
+
+
+def _constexprs(t, ref_logp, seq_level) -> dict:
+    return {"SEQ_LEVEL": bool(seq_level), "HAS_REF": ref_logp is not None, "BLOCK": _block_for(t)}
+
+
+def _fwd_launch(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, dual_c, beta, kl_est, agg,
+                seq_level) -> tuple[KernelLaunch, torch.Tensor]:
     n, t = logp.shape
-    logp, old_logp, advantages, mask, ref_arg, strides, adv_per_token, has_ref = _common_args(
-        logp, old_logp, advantages, mask, ref_logp)
+    logp, old_logp, advantages, mask, ref_logp = _kernel_tensors(logp, old_logp, advantages, mask, ref_logp)
+    ref_arg, strides = _row_args(logp, old_logp, advantages, mask, ref_logp)
     stats = torch.empty(_N_STATS, n, dtype=torch.float32, device=logp.device)
-    _policy_loss_fwd_kernel[(n,)](
-        logp, old_logp, advantages, mask, ref_arg, stats, n, t, *strides,
-        float(eps_low), float(eps_high), float(dual_c), float(beta), 1.0 / t,
-        SEQ_LEVEL=seq_level, HAS_DUAL=dual_c > 1.0, HAS_REF=has_ref, KL_EST=kl_est, AGG=agg,
-        ADV_PER_TOKEN=adv_per_token, BLOCK=_block_for(t),
-    )
+    launch = KernelLaunch.build(
+        _policy_loss_fwd_kernel, (n,),
+        (logp, old_logp, advantages, mask, ref_arg, stats, n, t, *strides,
+         *_knob_args(t, eps_low, eps_high, dual_c, beta, kl_est, agg)),
+        _constexprs(t, ref_logp, seq_level))
+    return launch, stats
+
+
+def _bwd_launch(grad_loss, den_total, logp, old_logp, advantages, mask, ref_logp, stats, eps_low, eps_high,
+                dual_c, beta, kl_est, agg, seq_level) -> tuple[KernelLaunch, torch.Tensor]:
+    n, t = logp.shape
+    logp, old_logp, advantages, mask, ref_logp = _kernel_tensors(logp, old_logp, advantages, mask, ref_logp)
+    ref_arg, strides = _row_args(logp, old_logp, advantages, mask, ref_logp)
+    grad = torch.empty((n, t), dtype=logp.dtype, device=logp.device)
+    launch = KernelLaunch.build(
+        _policy_loss_bwd_kernel, (n,),
+        (grad_loss.float().contiguous(), den_total, logp, old_logp, advantages, mask, ref_arg, stats, grad,
+         n, t, *strides, grad.stride(0), *_knob_args(t, eps_low, eps_high, dual_c, beta, kl_est, agg)),
+        _constexprs(t, ref_logp, seq_level))
+    return launch, grad
+
+
+def _launch_fwd(*args) -> torch.Tensor:
+    launch, stats = _fwd_launch(*args)
+    launch()
     return stats
 
 
-def _launch_bwd(grad_loss, den_total, logp, old_logp, advantages, mask, ref_logp, stats, eps_low, eps_high,
-                dual_c, beta, kl_est, agg, seq_level) -> torch.Tensor:
-    n, t = logp.shape
-    grad = torch.empty((n, t), dtype=logp.dtype, device=logp.device)
-    logp, old_logp, advantages, mask, ref_arg, strides, adv_per_token, has_ref = _common_args(
-        logp, old_logp, advantages, mask, ref_logp)
-    _policy_loss_bwd_kernel[(n,)](
-        grad_loss.float().contiguous(), den_total, logp, old_logp, advantages, mask, ref_arg, stats, grad,
-        n, t, *strides, grad.stride(0),
-        float(eps_low), float(eps_high), float(dual_c), float(beta), 1.0 / t,
-        SEQ_LEVEL=seq_level, HAS_DUAL=dual_c > 1.0, HAS_REF=has_ref, KL_EST=kl_est, AGG=agg,
-        ADV_PER_TOKEN=adv_per_token, BLOCK=_block_for(t),
-    )
-    return grad
+def _launch_bwd(grad_loss, den_total, logp, *args) -> torch.Tensor:
+    launch, grad = _bwd_launch(grad_loss, den_total, logp, *args)
+    launch()
+    return grad.to(logp.dtype)
+
+
+def kernel_variants() -> list[KernelLaunch]:
+    """Every distinct forward / backward launch the launchers can make: each accepted dtype of the
+    log-probs, the advantages and the mask, with and without a reference policy, token and sequence
+    level, advantages per row and per token, and a T for every block size (built on meta tensors)."""
+    launches = []
+    knobs = (0.2, 0.2, 3.0, 0.1, 2, 0)
+    for lp_dt, other_dt, mask_dt in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES, (torch.bool, torch.int64,
+                                                                                 torch.float32)):
+        for t, has_ref, seq_level, per_token in itertools.product(BLOCK_SIZES, (False, True), (False, True),
+                                                                 (False, True)):
+            n = 2
+            meta = dict(device="meta")
+            logp = torch.empty(n, t, dtype=lp_dt, **meta)
+            old = torch.empty(n, t, dtype=other_dt, **meta)
+            adv = torch.empty((n, t) if per_token else (n,), dtype=other_dt, **meta)
+            mask = torch.empty(n, t, dtype=mask_dt, **meta)
+            ref_lp = torch.empty(n, t, dtype=other_dt, **meta) if has_ref else None
+            fwd, stats = _fwd_launch(logp, old, adv, mask, ref_lp, *knobs, seq_level)
+            one = torch.empty(1, dtype=torch.float32, **meta)
+            bwd, _ = _bwd_launch(one, one, logp, old, adv, mask, ref_lp, stats, *knobs, seq_level)
+            launches += [fwd, bwd]
+    return unique(launches)
 
 
 def _combine(stats: torch.Tensor):

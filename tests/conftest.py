@@ -1,7 +1,9 @@
 """Test-wide setup. Triton kernels run in the numpy interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before triton is first imported, hence at the top here.
-Use the `triton_backend` fixture to force the Triton path on CPU tensors.
+Tests of a Triton or CUDA path build their inputs on the `device` fixture: a GPU when there is
+one (the compiled kernels run), else the CPU (`triton_backend` then forces the interpreted kernels),
+so one suite checks both.
 """
 
 import os
@@ -12,7 +14,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    """Where the inputs of a kernel test live: CUDA when available, else CPU (interpreted kernels)."""
+    return DEVICE
 
 
 @pytest.fixture

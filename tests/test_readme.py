@@ -12,7 +12,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNIPPETS = {p.read_text() for p in (README.parent / "docs" / "snippets").glob("*.py")}
-# blocks quoted verbatim from docs/snippets/ run in tests/integrations/test_readme_snippets.py
+# blocks quoted verbatim from docs/snippets/ run in tests/pairuni_kernels/integrations/test_readme_snippets.py
 BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if b not in SNIPPETS]
 
 

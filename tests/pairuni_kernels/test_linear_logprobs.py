@@ -26,12 +26,13 @@ SHAPES = [(1, 24, 37), (37, 24, 301), (70, 40, 4099)]
 CHUNKS = [{}, {"chunk_size": 5}, {"chunk_size": 7, "vocab_chunk_size": 50}]
 
 
-def _head(gen, m, h, v, *, dtype=torch.float64, scale=1.0):
+def _head(gen, m, h, v, *, dtype=torch.float64, scale=1.0, device="cpu"):
+    """Drawn on the CPU generator, then moved to `device`."""
     hidden = torch.randn(m, h, generator=gen, dtype=torch.float64).to(dtype)
     weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) * scale / h ** 0.5 * 3).to(dtype)
     bias = torch.randn(v, generator=gen, dtype=torch.float64).to(dtype)
     targets = torch.randint(0, v, (m,), generator=gen)
-    return hidden, weight, bias, targets
+    return hidden.to(device), weight.to(device), bias.to(device), targets.to(device)
 
 
 def _value_and_grads(fn, tensors, cotangents):
@@ -49,11 +50,12 @@ def _assert_close(got, want, *, atol, rtol, what):
         torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol, msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
 
-def _check_logprobs(gen, shape, chunks, *, with_bias, temperature, entropy, dtype=torch.float32, atol=2e-5):
+def _check_logprobs(gen, shape, chunks, *, with_bias, temperature, entropy, dtype=torch.float32, atol=2e-5,
+                    device="cpu"):
     m, h, v = shape
-    hidden, weight, bias, targets = _head(gen, m, h, v)
+    hidden, weight, bias, targets = _head(gen, m, h, v, device=device)
     tensors = [hidden, weight] + ([bias] if with_bias else [])
-    cot = [torch.randn(m, generator=gen, dtype=torch.float64) for _ in range(1 + entropy)]
+    cot = [torch.randn(m, generator=gen, dtype=torch.float64).to(device) for _ in range(1 + entropy)]
 
     def run(module, dt, **kw):
         def fn(hd, w, b=None):
@@ -85,23 +87,23 @@ def test_torch_path_fp32(gen, reference_backend, chunks, with_bias, temperature,
 
 @pytest.mark.parametrize("shape,chunks", [((1, 24, 37), {}), ((37, 24, 301), CHUNKS[1]),
                                           ((37, 24, 301), CHUNKS[2]), ((9, 16, 4099), {})])
-def test_triton_kernels_fp32(gen, triton_backend, shape, chunks):
-    _check_logprobs(gen, shape, chunks, with_bias=True, temperature=0.7, entropy=True)
+def test_triton_kernels_fp32(gen, triton_backend, shape, chunks, device):
+    _check_logprobs(gen, shape, chunks, with_bias=True, temperature=0.7, entropy=True, device=device)
 
 
-def test_triton_path_runs_the_kernels(gen, triton_backend, monkeypatch):
+def test_triton_path_runs_the_kernels(gen, triton_backend, monkeypatch, device):
     calls = []
     for name in ("_stats_triton", "_dlogits_triton"):
         real = getattr(LL, name)
         monkeypatch.setattr(LL, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
-    hidden, weight, _, targets = _head(gen, 5, 8, 40, dtype=torch.float32)
+    hidden, weight, _, targets = _head(gen, 5, 8, 40, dtype=torch.float32, device=device)
     w = weight.requires_grad_()
     torch.autograd.grad(linear_logprobs(hidden, w, targets, chunk_size=2).sum(), [w])
     assert calls.count("_stats_triton") == 3 and calls.count("_dlogits_triton") == 3
 
 
-def test_triton_kernels_no_bias_no_entropy(gen, triton_backend):
-    _check_logprobs(gen, (37, 24, 301), CHUNKS[2], with_bias=False, temperature=1.0, entropy=False)
+def test_triton_kernels_no_bias_no_entropy(gen, triton_backend, device):
+    _check_logprobs(gen, (37, 24, 301), CHUNKS[2], with_bias=False, temperature=1.0, entropy=False, device=device)
 
 
 def _lowp_unfused(targets, temperature):
@@ -152,10 +154,10 @@ def test_low_precision_default_accumulation_is_bounded(gen, reference_backend):
     assert err <= 4 * base_err, (err, base_err)
 
 
-def test_triton_kernels_bf16(gen, triton_backend):
+def test_triton_kernels_bf16(gen, triton_backend, device):
     m, h, v = 33, 32, 300
-    hidden, weight, bias, targets = _head(gen, m, h, v, dtype=torch.bfloat16)
-    cot = [torch.randn(m, generator=gen, dtype=torch.float64)]
+    hidden, weight, bias, targets = _head(gen, m, h, v, dtype=torch.bfloat16, device=device)
+    cot = [torch.randn(m, generator=gen, dtype=torch.float64).to(device)]
     want_out, want_grads = _value_and_grads(
         lambda hd, w, b: ref.linear_logprobs(hd, w, targets, bias=b), [hidden.double(), weight.double(),
                                                                        bias.double()], cot)
@@ -260,7 +262,8 @@ def test_automatic_vocab_split_matches(gen, reference_backend, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- fused_linear_policy_loss
-def _loss_inputs(gen, n, t, h, v, *, per_token_adv=False, with_ref=False, empty_rows=(1,)):
+def _loss_inputs(gen, n, t, h, v, *, per_token_adv=False, with_ref=False, empty_rows=(1,), device="cpu"):
+    """Drawn on the CPU generator, then moved to `device`."""
     hidden = torch.randn(n, t, h, generator=gen, dtype=torch.float64)
     weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * 3 / h ** 0.5
     bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.5
@@ -275,8 +278,9 @@ def _loss_inputs(gen, n, t, h, v, *, per_token_adv=False, with_ref=False, empty_
     old_logp = true_logp + 0.3 * torch.randn(n, t, generator=gen, dtype=torch.float64)
     adv = torch.randn((n, t) if per_token_adv else (n,), generator=gen, dtype=torch.float64)
     ref_logp = true_logp + 0.2 * torch.randn(n, t, generator=gen, dtype=torch.float64) if with_ref else None
-    return {"hidden": hidden, "weight": weight, "bias": bias, "targets": targets, "old_logp": old_logp, "advantages": adv,
-                "mask": mask, "ref_logp": ref_logp}
+    tensors = {"hidden": hidden, "weight": weight, "bias": bias, "targets": targets, "old_logp": old_logp,
+               "advantages": adv, "mask": mask, "ref_logp": ref_logp}
+    return {k: None if x is None else x.to(device) for k, x in tensors.items()}
 
 
 def _check_fused(inputs, knobs, *, dtype=torch.float32, atol=2e-5, chunks=None, module=pairuni_kernels):
@@ -457,8 +461,8 @@ def test_fused_loss_all_masked_gives_zero(gen, reference_backend):
     ("token-mean", "token", {"chunk_size": 6}),
     ("seq-mean-token-sum", "sequence", {"chunk_size": 12}),
 ])
-def test_fused_loss_triton(gen, triton_backend, loss_agg_mode, level, chunks):
-    inputs = _loss_inputs(gen, 3, 6, 24, 301, with_ref=True)
+def test_fused_loss_triton(gen, triton_backend, loss_agg_mode, level, chunks, device):
+    inputs = _loss_inputs(gen, 3, 6, 24, 301, with_ref=True, device=device)
     _check_fused(inputs, {"loss_agg_mode": loss_agg_mode, "importance_sampling_level": level, "beta": 0.1},
                  chunks=chunks)
 

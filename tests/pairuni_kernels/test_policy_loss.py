@@ -10,7 +10,8 @@ from pairuni_kernels import clipped_policy_loss, reference
 from pairuni_kernels.reference import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_AGG_MODES
 
 
-def make_inputs(gen, n, t, *, adv_per_token=False, with_ref=True, dtype=torch.float32, empty_row=True):
+def make_inputs(gen, n, t, *, adv_per_token=False, with_ref=True, dtype=torch.float32, empty_row=True, device="cpu"):
+    """Drawn on the CPU generator (same values on every machine), then moved to `device`."""
     lp = -torch.rand(n, t, generator=gen) * 3
     old = lp + torch.randn(n, t, generator=gen) * 0.4  # ratios on both sides of the clip range
     adv = torch.randn(n, t, generator=gen) if adv_per_token else torch.randn(n, generator=gen)
@@ -18,8 +19,8 @@ def make_inputs(gen, n, t, *, adv_per_token=False, with_ref=True, dtype=torch.fl
     if empty_row and n > 2:
         mask[1] = False
     ref_lp = lp + torch.randn(n, t, generator=gen) * 0.3 if with_ref else None
-    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-    return cast(lp), cast(old), cast(adv), mask, cast(ref_lp)
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(lp), cast(old), cast(adv), mask.to(device), cast(ref_lp)
 
 
 def run(fn, lp, old, adv, mask, ref_lp, **kw):
@@ -103,8 +104,8 @@ KNOBS = list(itertools.product(LOSS_AGG_MODES, IMPORTANCE_SAMPLING_LEVELS, [None
 
 @pytest.mark.parametrize("agg,level,dual,beta,kl", KNOBS)
 @pytest.mark.parametrize("adv_per_token", [False, True])
-def test_triton_every_knob_small(triton_backend, gen, agg, level, dual, beta, kl, adv_per_token):
-    inputs = make_inputs(gen, 5, 37, adv_per_token=adv_per_token)
+def test_triton_every_knob_small(triton_backend, gen, agg, level, dual, beta, kl, adv_per_token, device):
+    inputs = make_inputs(gen, 5, 37, adv_per_token=adv_per_token, device=device)
     kw = dict(loss_agg_mode=agg, importance_sampling_level=level, dual_clip_c=dual, beta=beta, kl_estimator=kl,
               epsilon_low=0.1, epsilon_high=0.28)
     out, grad = run(clipped_policy_loss, *inputs, **kw)
@@ -114,8 +115,8 @@ def test_triton_every_knob_small(triton_backend, gen, agg, level, dual, beta, kl
 
 @pytest.mark.parametrize("n,t", [(3, 1), (1, 7), (37, 1029)])
 @pytest.mark.parametrize("agg,level", list(itertools.product(LOSS_AGG_MODES, IMPORTANCE_SAMPLING_LEVELS)))
-def test_triton_odd_shapes(triton_backend, gen, n, t, agg, level):
-    inputs = make_inputs(gen, n, t, adv_per_token=(t % 2 == 1))
+def test_triton_odd_shapes(triton_backend, gen, n, t, agg, level, device):
+    inputs = make_inputs(gen, n, t, adv_per_token=(t % 2 == 1), device=device)
     kw = dict(loss_agg_mode=agg, importance_sampling_level=level, beta=0.02, dual_clip_c=3.0)
     out, grad = run(clipped_policy_loss, *inputs, **kw)
     out64, grad64 = run_ref64(*inputs, **kw)
@@ -124,10 +125,10 @@ def test_triton_odd_shapes(triton_backend, gen, n, t, agg, level):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("agg,level", [("token-mean", "token"), ("seq-mean-token-mean", "sequence")])
-def test_triton_low_precision(triton_backend, gen, dtype, agg, level):
+def test_triton_low_precision(triton_backend, gen, dtype, agg, level, device):
     """The flash-attention rule: the kernel's error against float64 is at most twice the error of the
     same computation done by plain PyTorch at the input precision (plus a floor for exact zeros)."""
-    inputs = make_inputs(gen, 8, 300, dtype=dtype)
+    inputs = make_inputs(gen, 8, 300, dtype=dtype, device=device)
     kw = dict(loss_agg_mode=agg, importance_sampling_level=level, beta=0.05)
     out, grad = run(clipped_policy_loss, *inputs, **kw)
     out_t, grad_t = run(reference.clipped_policy_loss, *inputs, **kw)  # torch, leaf in `dtype`
@@ -139,9 +140,9 @@ def test_triton_low_precision(triton_backend, gen, dtype, agg, level):
     assert err <= 2 * err_torch + 1e-7, (err.item(), err_torch.item())
 
 
-def test_triton_strided_inputs(triton_backend, gen):
-    lp, old, adv, mask, ref_lp = make_inputs(gen, 6, 40)
-    wide = torch.randn(6, 80, generator=gen)
+def test_triton_strided_inputs(triton_backend, gen, device):
+    lp, old, adv, mask, ref_lp = make_inputs(gen, 6, 40, device=device)
+    wide = torch.randn(6, 80, generator=gen).to(device)
     wide[:, :40] = lp  # a non-contiguous view with a row stride of 80
     out, grad = run(clipped_policy_loss, wide[:, :40], old, adv, mask, ref_lp, beta=0.1)
     out64, grad64 = run_ref64(lp, old, adv, mask, ref_lp, beta=0.1)
@@ -151,19 +152,19 @@ def test_triton_strided_inputs(triton_backend, gen):
 # ----------------------------------------------------------------------------- edges
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
-def test_all_masked_batch_is_zero_not_nan(request, gen, backend, agg):
+def test_all_masked_batch_is_zero_not_nan(request, gen, backend, agg, device):
     request.getfixturevalue(backend)
-    lp, old, adv, _, ref_lp = make_inputs(gen, 4, 9)
-    out, grad = run(clipped_policy_loss, lp, old, adv, torch.zeros(4, 9, dtype=torch.bool), ref_lp, beta=0.1,
+    lp, old, adv, _, ref_lp = make_inputs(gen, 4, 9, device=device)
+    out, grad = run(clipped_policy_loss, lp, old, adv, torch.zeros(4, 9, dtype=torch.bool, device=device), ref_lp, beta=0.1,
                     loss_agg_mode=agg, importance_sampling_level="sequence")
     assert out.loss.item() == 0.0 and torch.isfinite(torch.stack(list(out))).all()
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
-def test_masked_garbage_is_ignored(request, gen, backend):
+def test_masked_garbage_is_ignored(request, gen, backend, device):
     request.getfixturevalue(backend)
-    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 11, adv_per_token=True)
+    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 11, adv_per_token=True, device=device)
     dirty = [x.clone() for x in (lp, old, adv, ref_lp)]
     for x, bad in zip(dirty, (float("nan"), float("inf"), float("nan"), -float("inf"))):
         x[~mask] = bad
@@ -174,8 +175,8 @@ def test_masked_garbage_is_ignored(request, gen, backend):
     assert torch.equal(grad, clean_grad)
 
 
-def test_triton_float_and_int_masks(triton_backend, gen):
-    lp, old, adv, mask, _ = make_inputs(gen, 5, 20)
+def test_triton_float_and_int_masks(triton_backend, gen, device):
+    lp, old, adv, mask, _ = make_inputs(gen, 5, 20, device=device)
     base, g0 = run(clipped_policy_loss, lp, old, adv, mask, None)
     for m in (mask.float(), mask.to(torch.int32)):
         out, g = run(clipped_policy_loss, lp, old, adv, m, None)
@@ -194,8 +195,8 @@ def test_ratio_one_gives_minus_mean_advantage(gen):
 
 
 # ----------------------------------------------------------------------------- bad inputs
-def _good(gen):
-    lp, old, adv, mask, ref_lp = make_inputs(gen, 3, 4)
+def _good(gen, device):
+    lp, old, adv, mask, ref_lp = make_inputs(gen, 3, 4, device=device)
     return dict(logp=lp, old_logp=old, advantages=adv, mask=mask, ref_logp=ref_lp)
 
 
@@ -218,25 +219,25 @@ def _good(gen):
     (dict(loss_agg_mode="mean"), "loss_agg_mode"),
     (dict(importance_sampling_level="row"), "importance_sampling_level"),
 ])
-def test_bad_inputs_name_the_argument(request, gen, backend, change, match):
+def test_bad_inputs_name_the_argument(request, gen, backend, change, match, device):
     request.getfixturevalue(backend)
-    kw = {**_good(gen), **change}
+    kw = {**_good(gen, device), **change}
     with pytest.raises(ValueError, match=match):
         clipped_policy_loss(kw.pop("logp"), kw.pop("old_logp"), kw.pop("advantages"), kw.pop("mask"), **kw)
 
 
 # ----------------------------------------------------------------------------- torch.library
-def test_opcheck(triton_backend, gen):
-    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 9)
+def test_opcheck(triton_backend, gen, device):
+    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 9, device=device)
     for args in [(lp.requires_grad_(), old, adv, mask, None, 0.2, 0.2, 0.0, 0.0, 2, 0, False),
-                 (lp, old, torch.randn(4, 9, generator=gen), mask.float(), ref_lp, 0.1, 0.3, 3.0, 0.1, 2, 1, True)]:
+                 (lp, old, torch.randn(4, 9, generator=gen).to(device), mask.float(), ref_lp, 0.1, 0.3, 3.0, 0.1, 2, 1, True)]:
         torch.library.opcheck(torch.ops.pairuni.clipped_policy_loss_fwd.default, args)
 
 
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
-def test_torch_compile_fullgraph(request, gen, backend):
+def test_torch_compile_fullgraph(request, gen, backend, device):
     request.getfixturevalue(backend)
-    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 9)
+    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 9, device=device)
 
     def step(x):
         out = clipped_policy_loss(x, old, adv, mask, ref_logp=ref_lp, beta=0.1, loss_agg_mode="seq-mean-token-mean")

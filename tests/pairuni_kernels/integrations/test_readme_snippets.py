@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 SNIPPETS = {
     "verl": (ROOT / "docs/snippets/verl_snippet.py", "Use the loss in verl", "pg_loss"),
     "trl": (ROOT / "docs/snippets/trl_snippet.py", "Use the loss in TRL", "train_loss"),

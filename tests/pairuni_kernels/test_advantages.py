@@ -37,42 +37,44 @@ def test_reference_pair_weights_formula():
 # ----------------------------------------------------------------------------- Triton vs reference
 @pytest.mark.parametrize("n,n_groups", [(1, 1), (3, 2), (37, 5), (1029, 300), (4000, 3)])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_triton_matches_reference(triton_backend, gen, n, n_groups, scale):
+def test_triton_matches_reference(triton_backend, gen, n, n_groups, scale, device):
     r = torch.randn(n, generator=gen) * 2 + 5  # offset: a one-pass variance would lose digits
     ids = torch.randint(-50, 50, (n_groups,), generator=gen)[torch.randint(0, n_groups, (n,), generator=gen)]
     w = torch.rand(n, generator=gen) + 0.1
+    r, ids, w = r.to(device), ids.to(device), w.to(device)
     out = group_advantages(r, ids, weights=w, scale=scale)
     expect = reference.group_advantages(r.double(), ids, weights=w.double(), scale=scale)
     assert out.dtype == torch.float32
     assert _rel_err(out, expect) < 1e-5 or (expect.abs().max() == 0 and out.abs().max() == 0)
 
 
-def test_triton_large_group_and_unsorted_ids(triton_backend, gen):
+def test_triton_large_group_and_unsorted_ids(triton_backend, gen, device):
     # one group much longer than the kernel tile, many tiny ones, ids interleaved at random
     ids = torch.cat([torch.zeros(3000, dtype=torch.long), torch.arange(1, 501).repeat_interleave(4)])
     perm = torch.randperm(ids.numel(), generator=gen)
     ids = ids[perm]
     r = torch.rand(ids.numel(), generator=gen)
+    r, ids = r.to(device), ids.to(device)
     out = group_advantages(r, ids)
     expect = reference.group_advantages(r.double(), ids)
     assert _rel_err(out, expect) < 1e-5
     # permuting the inputs permutes the outputs
-    p2 = torch.randperm(ids.numel(), generator=gen)
+    p2 = torch.randperm(ids.numel(), generator=gen).to(device)
     torch.testing.assert_close(group_advantages(r[p2], ids[p2]), out[p2], rtol=1e-5, atol=1e-5)  # fp32 sum order differs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_low_precision_rewards(triton_backend, gen, dtype):
-    r = torch.rand(64, generator=gen).to(dtype)
-    ids = torch.arange(64) // 8
+def test_triton_low_precision_rewards(triton_backend, gen, dtype, device):
+    r = torch.rand(64, generator=gen).to(device=device, dtype=dtype)
+    ids = torch.arange(64, device=device) // 8
     out = group_advantages(r, ids)
     expect = reference.group_advantages(r.double(), ids)  # same rounded inputs, float64 math
     assert _rel_err(out, expect) < 1e-5
 
 
-def test_triton_pair_weights(triton_backend, gen):
-    s = torch.rand(1000, generator=gen) * 1.6 - 0.3
-    aligned = torch.rand(1000, generator=gen) > 0.5
+def test_triton_pair_weights(triton_backend, gen, device):
+    s = (torch.rand(1000, generator=gen) * 1.6 - 0.3).to(device)
+    aligned = (torch.rand(1000, generator=gen) > 0.5).to(device)
     torch.testing.assert_close(pair_weights(s, aligned), reference.pair_weights(s.double(), aligned).float())
 
 
@@ -85,19 +87,19 @@ def test_segment_groups_bounds(gen):
 
 # ----------------------------------------------------------------------------- edges and bad inputs
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
-def test_group_of_one_is_zero(request, backend):
+def test_group_of_one_is_zero(request, backend, device):
     request.getfixturevalue(backend)
-    out = group_advantages(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0, 1, 1]))
+    out = group_advantages(torch.tensor([3.0, 1.0, 2.0], device=device), torch.tensor([0, 1, 1], device=device))
     assert out[0].item() == 0.0 and out[1].item() < 0 < out[2].item()
 
 
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_reward_names_group(request, backend, bad):
+def test_non_finite_reward_names_group(request, backend, bad, device):
     request.getfixturevalue(backend)
-    r = torch.tensor([0.0, 1.0, bad, 0.5])
+    r = torch.tensor([0.0, 1.0, bad, 0.5], device=device)
     with pytest.raises(ValueError, match="group 42"):
-        group_advantages(r, torch.tensor([7, 7, 42, 42]))
+        group_advantages(r, torch.tensor([7, 7, 42, 42], device=device))
 
 
 @pytest.mark.parametrize("kwargs,match", [
