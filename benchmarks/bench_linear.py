@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # (name, N, T, H, V): Janus-Pro image head (576 tokens per image, 16384 codes; 1B H=2048, 7B H=4096)
-# and text head (102400 vocabulary), as in issue 3
+# and text head (102400 vocabulary)
 FULL_SHAPES = [
     ("image 8x576 H2048", 8, 576, 2048, 16384),
     ("image 8x576 H4096", 8, 576, 4096, 16384),

@@ -4,7 +4,7 @@ Implementations, all drawing one token per conditional row from [2B, V] logits:
   janus_torch  the official Janus-Pro loop: split interleaved rows, u + g * (c - u), softmax of
                z / T, torch.multinomial (a host sync per step on CUDA)
   hf_processors  transformers' ClassifierFreeGuidanceLogitsProcessor + TemperatureLogitsWarper on
-               blocked rows, softmax, torch.multinomial (generation_config top_k = 0, as DESIGN.md asks)
+               blocked rows, softmax, torch.multinomial (generation_config top_k = 0, as docs/ARCHITECTURE.md says)
   torch_race   the strongest plain-torch step we know: the same combine and softmax, then an
                exponential race (argmax probs / Exp(1)) instead of multinomial (gpt-fast style)
   reference    pairuni_kernels.reference.cfg_sample (the same Philox stream as the kernels, in torch)

@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu(const at::Tensor& logits_in,
 }  // namespace pairuni
 
 TORCH_LIBRARY(pairuni, m) {
-  // Classifier-free-guidance sampling of one decode step (see shared/DESIGN.md):
+  // Classifier-free-guidance sampling of one decode step (see docs/ARCHITECTURE.md):
   // z = (u + guidance_scale * (c - u)) / temperature, top-k, then top-p, one draw per row
   // keyed by (seeds[b], step, token). `steps` (int64, [] or [B], may live on the device)
   // overrides `step` so a captured CUDA graph can advance it in place.

@@ -1,7 +1,7 @@
 // Classifier-free-guidance sampling of one decode step: torch-free CUDA templates.
 //
 //   z = (u + g * (c - u)) / T, top-k, then top-p, one Gumbel-max draw per row, and the
-//   log-probability of the drawn token under the final distribution (see DESIGN.md).
+//   log-probability of the drawn token under the final distribution (see docs/ARCHITECTURE.md).
 //
 // One kernel per call, no host synchronisation, no allocation: capturable in a CUDA graph.
 // Two kernels, chosen on the host from the arguments only:

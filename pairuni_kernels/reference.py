@@ -6,7 +6,7 @@ are computed in fp32 and float64 inputs in float64, so tests can get an fp64 gro
 truth by passing fp64 tensors. Everything is vectorised (no Python loops over rows or
 groups) so that this is also a reasonable CPU path.
 
-The formulas are those of `shared/DESIGN.md` ("pairuni_kernels: the contract").
+The formulas are those of `docs/ARCHITECTURE.md` ("pairuni_kernels: the contract").
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 
 
 # ============================================================================= linear head log-probs
-# (section owned by issue 3: linear_logprobs / fused_linear_policy_loss; the spec materialises logits)
+# linear_logprobs / fused_linear_policy_loss (the spec materialises the logits; the fast paths never do)
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False):
     """`log_softmax((hidden @ weight.T + bias) / temperature)[targets]`, materialising the [M, V] logits.

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.py"
-# the order issue 11 asks for, after the set-up stages
+# the session order (GPU tests, sampler, policy loss, advantages, fused linear, 7B step), after the set-up stages
 STAGES = ["environment", "build", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages", "linear",
           "train_7b"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
