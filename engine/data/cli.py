@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--delta", type=float, default=pairing.DEFAULT_DELTA, help="similarity threshold of retrieved pairs")
     p.add_argument("--top-n", type=int, default=pairing.DEFAULT_TOP_N, help="candidates per generation sample")
     p.add_argument("--n-clusters", type=int, default=None,
-                   help=f"aligned medoids K (default {pairing.DEFAULT_CLUSTER_FRACTION:.0%} of all samples, "
+                   help=f"aligned medoids K (default {pairing.DEFAULT_CLUSTER_FRACTION * 100:.0f}%% of all samples, "
                         f"at most {pairing.DEFAULT_MAX_CLUSTERS}; 0 = no aligned pairs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=pairing.DEFAULT_CHUNK_SIZE, help="generation rows per similarity block")
@@ -163,7 +163,11 @@ def _complete(args: argparse.Namespace) -> int:
     if any(report.counts.get(k) for k in ("rejected", "skipped", "error")):
         print(f"not completed: see {rejected_path(args.out)}")
     if report.counts.get("error"):
-        print("some calls failed; rerun the same command to retry them (cached replies are not paid again)")
+        print(f"{report.counts['error']} sample(s) failed; the first: {report.first_error}", file=sys.stderr)
+        if not report.counts.get("completed") and not report.counts.get("rejected"):
+            print(f"no call succeeded: is the endpoint {config.base_url} up, and are the model and key right?",
+                  file=sys.stderr)
+        print("rerun the same command to retry them (cached replies are not paid again)")
         return 1
     return 0
 

@@ -446,6 +446,7 @@ class CompletionReport:
     n_retries: int = 0
     cache_entries: int = 0
     interrupted: bool = False
+    first_error: str = ""  # the reason of the first sample that ended in "error" (all are in the rejected file)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -492,6 +493,8 @@ def complete_file(input_path: str | os.PathLike, out: str | os.PathLike, config:
                     if outcome.sample.image_path:
                         outcome.sample.image_path = relocate_image_path(outcome.sample.image_path, root, out_root)
                     report.counts[outcome.status] = report.counts.get(outcome.status, 0) + 1
+                    if outcome.status == "error" and not report.first_error:
+                        report.first_error = outcome.reason
                     if outcome.status in ("completed", "unchanged"):
                         good.write(dumps_line(outcome.sample.to_ann()) + "\n")
                     else:

@@ -22,12 +22,20 @@ from typing import IO, Any
 from engine.data.schema import Pair, Sample
 
 
+def current_umask() -> int:
+    """The process umask (read without leaving it changed)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside `path`; on clean exit fsync it and rename it onto `path`.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and `path`
-    is untouched. `mode` is "w" (text) or "wb" (binary).
+    is untouched. `mode` is "w" (text) or "wb" (binary). The file's permissions honour the
+    umask, as a plain `open(path, "w")` would.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
@@ -35,6 +43,8 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp creates 0600; the finished file gets the mode `open()` would give it.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, encoding=None if mode == "wb" else encoding) as fh:
             yield fh
             fh.flush()

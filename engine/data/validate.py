@@ -4,9 +4,11 @@
 malformed JSON, a line that is not an object, missing top-level or per-half fields,
 non-string fields, similarity that is not a finite number in [0, 1], an unknown `kind`,
 an empty understanding question / answer or generation prompt, an answer letter that
-names no listed option, image files that do not exist under the data root, and pairs
-that repeat an earlier line (same two halves). Memory grows with the number of distinct
-pairs (one 16-byte digest each) and distinct image paths, never with line length.
+names no listed option, image files that do not exist under the data root or do not decode
+as images, a source `id` that an earlier line already used for the same half, and pairs that
+repeat an earlier line (same two halves). A file without any pair is a problem too. Memory
+grows with the number of distinct pairs (one 16-byte digest each), ids and image paths, never
+with line length.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data.io import atomic_writer, data_root_of, iter_lines, resolve_image_path
+from engine.data.io import (
+    atomic_writer,
+    data_root_of,
+    dumps_line,
+    iter_lines,
+    relocate_image_path,
+    resolve_image_path,
+)
 from engine.data.schema import (
     ANN_FIELDS,
     OPTION_LETTERS,
@@ -44,7 +53,7 @@ class Problem:
     message: str
 
     def format(self, path: str | os.PathLike) -> str:
-        where = f"{path}:{self.line}"
+        where = f"{path}:{self.line}" if self.line else str(path)
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -85,14 +94,14 @@ class _Checker:
         self.data_root = data_root
         self.check_images = check_images
         self.seen: dict[bytes, int] = {}
-        self.image_exists: dict[str, bool] = {}
+        self.seen_ids: dict[tuple[str, str], int] = {}
+        self.image_problem: dict[str, str | None] = {}
 
-    def _image_ok(self, image_path: str) -> bool:
-        known = self.image_exists.get(image_path)
-        if known is None:
-            known = resolve_image_path(image_path, self.data_root).is_file()
-            self.image_exists[image_path] = known
-        return known
+    def _image_problem(self, image_path: str) -> str | None:
+        """None when the image exists and decodes; else what is wrong with it (cached per path)."""
+        if image_path not in self.image_problem:
+            self.image_problem[image_path] = image_file_problem(resolve_image_path(image_path, self.data_root))
+        return self.image_problem[image_path]
 
     def check(self, number: int, text: str) -> tuple[list[Problem], dict | None]:
         problems: list[Problem] = []
@@ -144,6 +153,10 @@ class _Checker:
             source_id = ann.get("id", "")
             if isinstance(source_id, bool) or not isinstance(source_id, (str, int)):
                 report(f"{half}.id", f"expected a string, got {type(source_id).__name__}")
+            elif str(source_id):
+                first = self.seen_ids.setdefault((half, str(source_id)), number)
+                if first != number:
+                    report(f"{half}.id", f"duplicate id {json.dumps(source_id)} (first used on line {first})")
 
         u = halves.get("understand_ann", {})
         question, answer = u.get("question"), u.get("answer")
@@ -157,8 +170,9 @@ class _Checker:
         if self.check_images and self.data_root is not None:
             for half, ann in halves.items():
                 path = ann.get("image_path")
-                if isinstance(path, str) and path.strip() and not self._image_ok(path):
-                    report(f"{half}.image_path", f"image file not found: {resolve_image_path(path, self.data_root)}")
+                problem = self._image_problem(path) if isinstance(path, str) and path.strip() else None
+                if problem is not None:
+                    report(f"{half}.image_path", problem)
 
         if len(halves) == 2:
             key = _pair_digest(halves["understand_ann"], halves["generate_ann"])
@@ -168,6 +182,20 @@ class _Checker:
             else:
                 self.seen[key] = number
         return problems, (record if not problems else None)
+
+
+def image_file_problem(path: Path) -> str | None:
+    """None when `path` is a file that decodes as an image; else a one-line reason naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes the pixels: a truncated file fails here, not at training step 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"not a readable image: {path} ({type(err).__name__}: {err})"
+    return None
 
 
 def _pair_digest(understand: dict, generate: dict) -> bytes:
@@ -198,11 +226,14 @@ def validate_pairs(path: str | os.PathLike, *, data_root: str | os.PathLike | No
     check_images: also check that every image file exists.
     max_problems: keep at most this many `Problem`s in the report (all are counted); None keeps all.
     keep_valid:   when given, the lines without problems are written there, atomically (the
-                  file appears only once the whole input was read).
+                  file appears only once the whole input was read); relative image paths are
+                  rewritten so that they resolve from the new file's folder.
     """
     if not Path(path).is_file():
         raise ValueError(f"path: no such file: {path}")
     report = ValidationReport(path=str(path))
+    from_root = Path(data_root) if data_root is not None else data_root_of(path)
+    to_root = data_root_of(keep_valid) if keep_valid is not None else from_root
     with contextlib.ExitStack() as stack:
         fh = stack.enter_context(atomic_writer(keep_valid)) if keep_valid is not None else None
         for _, text, problems, record in iter_checked_lines(path, data_root=data_root, check_images=check_images):
@@ -217,5 +248,19 @@ def validate_pairs(path: str | os.PathLike, *, data_root: str | os.PathLike | No
                                                     record["generate_ann"]["image_path"])
             report.kinds[kind] = report.kinds.get(kind, 0) + 1
             if fh is not None:
-                fh.write(text if text.endswith("\n") else text + "\n")
+                fh.write(_relocated_line(text, record, from_root, to_root))
+    if report.n_lines == 0:
+        report.n_problems += 1
+        report.problems.append(Problem(0, "", "no pairs: the file is empty"))
     return report
+
+
+def _relocated_line(text: str, record: dict, from_root: Path, to_root: Path) -> str:
+    """`text` as a line of a file in `to_root`: unchanged when its image paths resolve the same."""
+    if from_root.resolve() == to_root.resolve():
+        return text if text.endswith("\n") else text + "\n"
+    for half in ("understand_ann", "generate_ann"):
+        image_path = record[half]["image_path"]
+        if not Path(image_path).is_absolute():
+            record[half]["image_path"] = relocate_image_path(image_path, from_root, to_root)
+    return dumps_line(record) + "\n"

@@ -269,6 +269,19 @@ def test_unreachable_server_gives_up_after_retries(tmp_path, inputs):
     assert sum("gave up after 3 tries" in r for r in reasons) == 8
 
 
+def test_cli_names_the_connection_error_of_a_dead_endpoint(tmp_path, inputs, capsys):
+    from engine.data.cli import register
+
+    parser = argparse.ArgumentParser(prog="pairuni")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["complete", "--input", str(inputs), "--out", str(tmp_path / "o.jsonl"), "--quiet",
+                              "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert "8 sample(s) failed; the first: gave up after 1 tries: ConnectError" in err
+    assert "no call succeeded: is the endpoint http://127.0.0.1:9/v1 up" in err
+
+
 def test_client_errors_are_not_retried(server, inputs, tmp_path):
     report = run(inputs, tmp_path / "o.jsonl", config(server, api_key="wrong"))
     assert report.counts["error"] == 8 and report.n_retries == 0

@@ -128,3 +128,22 @@ def test_relocate_image_path(tmp_path):
     assert relocate_image_path("img/a.png", tmp_path / "src", tmp_path / "src") == "img/a.png"
     absolute = str(tmp_path / "elsewhere.png")
     assert relocate_image_path(absolute, tmp_path / "src", tmp_path / "out") == "../elsewhere.png"
+
+
+def test_atomic_writer_honours_the_umask(tmp_path):
+    import os
+    import stat
+
+    from engine.data.io import atomic_writer
+
+    old = os.umask(0o002)
+    try:
+        with atomic_writer(tmp_path / "shared.txt") as fh:
+            fh.write("x")
+        os.umask(0o077)
+        with atomic_writer(tmp_path / "private.bin", "wb") as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == 0o600

@@ -23,10 +23,16 @@ def line(sim=0.7, u=None, g=None, **extra):
     return json.dumps({"similarity": sim, "generate_ann": g or ann("g.png"), "understand_ann": u or ann("u.png"), **extra})
 
 
+def png(path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(path)
+
+
 @pytest.fixture
 def root(tmp_path):
     for name in ("u.png", "g.png", "u2.png", "g2.png"):
-        (tmp_path / name).write_bytes(b"\x89PNG")
+        png(tmp_path / name)
     return tmp_path
 
 
@@ -103,8 +109,8 @@ def test_image_checks_use_data_root_and_can_be_skipped(root, tmp_path_factory):
     report = run(root, [line()], data_root=other)
     assert {p.field for p in report.problems} == {"understand_ann.image_path", "generate_ann.image_path"}
     assert run(root, [line()], data_root=other, check_images=False).ok
-    (other / "u.png").write_bytes(b"x")
-    (other / "g.png").write_bytes(b"x")
+    png(other / "u.png")
+    png(other / "g.png")
     assert run(root, [line()], data_root=other).ok
 
 
@@ -115,6 +121,54 @@ def test_keep_valid_and_problem_cap(root):
     assert report.n_problems == 3 and len(report.problems) == 1
     assert out.read_text().splitlines() == [lines[0], lines[2]]
     assert validate_pairs(out).ok
+
+
+def test_empty_file_is_a_problem(root):
+    for text in ("", "\n  \n"):
+        path = root / "pairs.jsonl"
+        path.write_text(text)
+        report = validate_pairs(path)
+        assert not report.ok and report.n_lines == 0
+        assert report.problems[0].format(path) == f"{path}: no pairs: the file is empty"
+
+
+def test_duplicate_source_ids_are_reported_by_line(root):
+    lines = [line(u=ann("u.png", id="s1"), g=ann("g.png", id="s1")),   # the same id in both halves is fine
+             line(u=ann("u2.png", id="s2"), g=ann("g2.png", id="t2")),
+             line(0.5, u=ann("u.png", id="s1", question=QUESTION + " "), g=ann("g2.png", id="t3"))]
+    report = run(root, lines)
+    assert [(p.line, p.field) for p in report.problems] == [(3, "understand_ann.id")]
+    assert "duplicate id \"s1\" (first used on line 1)" in report.problems[0].message
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_undecodable_images_are_reported_by_line(root, content):
+    if content == "truncated":
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noise).save(buffer, format="PNG")
+        content = buffer.getvalue()[: len(buffer.getvalue()) // 2]  # the header reads, the pixels do not
+    (root / "bad.png").write_bytes(content)
+    report = run(root, [line(), line(u=ann("bad.png"), g=ann("g2.png"))])
+    assert [(p.line, p.field) for p in report.problems] == [(2, "understand_ann.image_path")]
+    assert report.problems[0].message.startswith(f"not a readable image: {root / 'bad.png'}")
+    assert run(root, [line(), line(u=ann("bad.png"), g=ann("g2.png"))], check_images=False).ok
+
+
+def test_keep_valid_into_another_folder_keeps_images_resolvable(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("elsewhere") / "sub" / "clean.jsonl"
+    absolute = str(root / "g2.png")
+    report = run(root, [line(), line(0.6, u=ann("u2.png"), g=ann(absolute)), "{bad"], keep_valid=out)
+    assert report.n_valid == 2
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert kept[1]["generate_ann"]["image_path"] == absolute  # absolute paths are left as they are
+    assert not kept[0]["understand_ann"]["image_path"].startswith("/")
+    assert validate_pairs(out).ok  # every image resolves from the new file's folder
 
 
 def test_missing_file_is_a_value_error(tmp_path):
