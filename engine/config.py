@@ -9,7 +9,9 @@ With no file, the defaults are the tiny demo run (`configs/tiny.yaml` holds the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -239,14 +241,17 @@ def _coerce(key: str, value, tp):
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-6" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-6" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf / .nan would poison every step without an error
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -49,6 +49,11 @@ def test_overrides_parse_yaml_values_into_nested_keys():
     ("model.path=/nonexistent/janus", "model.path"),
     ("reward.generation=clip", "reward.clip_path"),     # clip needs a local model
     ("rollout.group_size", "key=value"),                # not an override at all
+    ("optim.lr=.inf", "optim.lr: expected a finite number"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number"),
+    ("algo.beta=-.inf", "algo.beta: expected a finite number"),
+    ("optim.betas=[0.9, .nan]", "1]: expected a finite number"),  # optim.betas[1]
+    ("optim.max_grad_norm=inf", "optim.max_grad_norm: expected a finite number"),  # the string form too
 ])
 def test_bad_values_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
