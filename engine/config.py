@@ -440,3 +440,27 @@ def validated_pairs(cfg: Config):
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# Keys a resumed run may change: none of them alters what a step computes (or which steps run,
+# beyond how many). Every other key is part of the trajectory that "exact resume" promises.
+RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.progress", "train.resume", "train.run_dir"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, typing.Any]:
+    flat: dict[str, typing.Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def trajectory_changes(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every key outside RESUME_MAY_CHANGE whose value differs."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+            for key in sorted(old.keys() | new.keys())
+            if key not in RESUME_MAY_CHANGE and old.get(key, missing) != new.get(key, missing)]
