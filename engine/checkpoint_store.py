@@ -47,6 +47,18 @@ _STEP_NAME = re.compile(r"^step_(\d+)$")
 # ".tmp_step_000140.host.1234" (this store) or ".tmp_step_000140_1234" (older saves)
 _TMP_NAME = re.compile(r"^\.(?:tmp|old)_step_(\d+)(?:\.(?P<host>[^/]+)\.(?P<pid>\d+)|_(?P<oldpid>\d+))$")
 _CHUNK = 16 << 20
+# Test hook: `PAIRUNI_KILL_AT=<point>` makes the process SIGKILL itself when a save reaches that
+# point, so the fault tests can stop a real run at the worst moments. Points, in save order:
+KILL_POINTS = ("save:files_written", "save:sealed", "save:swapped", "save:published")
+KILL_ENV = "PAIRUNI_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process when `PAIRUNI_KILL_AT` names `name` (no cost otherwise)."""
+    if os.environ.get(KILL_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(ValueError):
@@ -229,17 +241,21 @@ class CheckpointStore:
 
         keep: how many verified checkpoints to keep (<= 0: all).
         """
+        kill_point("save:files_written")
         write_manifest(tmp, step)
+        kill_point("save:sealed")
         final = self.root / step_name(step)
         old = None
         if final.exists():  # swap, then delete: a complete copy of this step exists at every instant
             old = self.root / f"{OLD_PREFIX}{step_name(step)}.{self.host}.{os.getpid()}"
             os.rename(final, old)
+            kill_point("save:swapped")
         os.rename(tmp, final)
         pointer = self.root / f".{LATEST}.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, self.root / LATEST)
         fsync_dir(self.root)
+        kill_point("save:published")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.prune(keep)

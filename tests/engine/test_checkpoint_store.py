@@ -146,3 +146,33 @@ def test_folders_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+SAVE_TWICE = """
+import os, sys
+from engine.checkpoint_store import CheckpointStore
+store = CheckpointStore(sys.argv[1])
+for attempt, step in enumerate((1, int(sys.argv[2]))):
+    tmp = store.begin(step)
+    (tmp / "state.json").write_text(str(step) * 1000 + str(attempt))
+    if attempt == 1:
+        os.environ["PAIRUNI_KILL_AT"] = sys.argv[3]
+    store.publish(tmp, step, keep=1)
+"""
+
+
+@pytest.mark.parametrize("second_step", [1, 2], ids=["rewrite-same-step", "next-step"])
+@pytest.mark.parametrize("point", ["save:files_written", "save:sealed", "save:swapped", "save:published"])
+def test_kill_9_during_a_save_loses_no_checkpoint(tmp_path, point, second_step):
+    if point == "save:swapped" and second_step == 2:
+        pytest.skip("only a rewrite of an existing step swaps")
+    child = subprocess.run([sys.executable, "-c", SAVE_TWICE, str(tmp_path), str(second_step), point])
+    assert child.returncode == -9  # killed at the named point, not finished
+    store = CheckpointStore(tmp_path)
+    store.remove_dead_temps()
+    found = store.resume_candidate()
+    assert found.path is not None and not any(p.name.startswith(".") for p in store.root.iterdir() if p.is_dir())
+    published = point == "save:published"
+    expected = (second_step, 1) if published else (1, 0)  # (step, attempt that wrote it)
+    assert found.path.name == step_name(expected[0])
+    assert (found.path / "state.json").read_text() == str(expected[0]) * 1000 + str(expected[1])
