@@ -21,7 +21,8 @@ import torch
 from . import checkpoint, distributed, rewards
 from . import model as janus
 from .checkpoint import Checkpointer
-from .config import Config, validated_pairs
+from .checkpoint_store import ResumePoint
+from .config import Config, start_point, validated_pairs
 from .data import toyworld
 from .data.sampler import ImageCache, PairSampler
 from .optim import PolicyOptimizer
@@ -54,31 +55,35 @@ class Components:
     fsdp: torch.nn.Module | None = None
     ref_model: torch.nn.Module | None = None
     tokenizer_json: str | None = None
+    resume: ResumePoint | None = None
 
 
 def build_components(cfg: Config) -> Components:
     """Read the pairs, start the process group under torchrun, load or build the model, then `assemble`."""
     pairs, root = validated_pairs(cfg)
+    start = start_point(cfg)  # checksums verified here, still before the model loads
+    for skipped in start.skipped:
+        log.warning("resume: skipped %s", skipped)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     env = distributed.init_from_env(cfg.train.device)  # torchrun: process group + this rank's device
     device = env.device if env is not None else distributed.resolve_device(cfg.train.device)
     tokenizer_json = None
     if cfg.model.path is None:
-        model, prompts, tok = tiny_policy(cfg, pairs, device)
+        model, prompts, tok = tiny_policy(cfg, pairs, device, start.path)
         tokenizer_json = tok.to_json()
     else:
         model = janus.load_janus(cfg.model.path, dtype=cfg.model.dtype, device=device,
                                  attn_implementation=cfg.model.attn_implementation)
         prompts = JanusPrompts(cfg.model.path)
         janus.complete_generation_config(model, prompts.processor.tokenizer)
-    return assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json)
+    return assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json, resume=start)
 
 
-def tiny_policy(cfg: Config, pairs: list, device: torch.device):
-    """(tiny random Janus, toy prompts, toy tokenizer). The tokenizer is the resumed checkpoint's, or
-    one built from the pairs' words, so a resumed run reads its text with the same ids."""
-    latest = checkpoint.latest_checkpoint(cfg.train.run_dir) if cfg.train.resume else None
+def tiny_policy(cfg: Config, pairs: list, device: torch.device, resume_from: Path | None = None):
+    """(tiny random Janus, toy prompts, toy tokenizer). The tokenizer is that of the checkpoint the run
+    resumes from, or one built from the pairs' words, so a resumed run reads its text with the same ids."""
+    latest = resume_from
     if latest is not None:
         tok = ToyTokenizer.from_json(checkpoint.read_state(latest)["tokenizer"])
     else:
@@ -98,9 +103,13 @@ def tiny_policy(cfg: Config, pairs: list, device: torch.device):
 
 
 def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
-             tokenizer_json: str | None = None) -> Components:
+             tokenizer_json: str | None = None, resume: ResumePoint | None = None) -> Components:
     """The rest of construction around a built model: what trains, the reference model, FSDP2 under
-    torchrun, the optimizer, the rewards, the pair sampler, the image cache and the checkpoints."""
+    torchrun, the optimizer, the rewards, the pair sampler, the image cache and the checkpoints.
+
+    resume: where the run starts (`config.start_point`; computed here when not given)."""
+    if resume is None:
+        resume = start_point(cfg)
     device = next(model.parameters()).device
     env = distributed.current()  # None in a single process
     distributed.local_pairs(cfg.data.pairs_per_step, env)  # raises unless every rank gets whole pairs
@@ -127,4 +136,4 @@ def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
         sampler=PairSampler(pairs, cfg.data.pairs_per_step, cfg.train.seed, cfg.data.shuffle),
         images=ImageCache(data_root, prompts.image_size, load_image), optimizer=optimizer, rewards=task_rewards,
         checkpoints=Checkpointer(cfg.train.run_dir, model, optimizer, fsdp), device=device, dist=env, fsdp=fsdp,
-        ref_model=ref_model, tokenizer_json=tokenizer_json)
+        ref_model=ref_model, tokenizer_json=tokenizer_json, resume=resume)

@@ -14,9 +14,9 @@ A checkpoint is a directory `run_dir/checkpoints/step_000123/`. A single process
 a torchrun run writes `torch.distributed.checkpoint` (DCP) files instead of the safetensors
 (every rank its shards of the trainable parameters and optimizer state; `.metadata` marks the
 format; `set_state_dict` reshards on load, so a run resumes on any world size) and a state.json
-with `"format": "dcp"`. `_write_checkpoint` is the one writer of this layout for both: files go
-into a temporary sibling directory, which is renamed into place, then `latest` (a text file
-naming it) is replaced atomically: a crash leaves the previous checkpoint intact.
+with `"format": "dcp"`. Where the folders live, how they are sealed (a CRC-32 manifest written
+last), published, verified, chosen on resume and pruned is `engine/checkpoint_store.py`'s job;
+this module decides what goes in them. No tensor that is NaN or infinite is ever written.
 Resuming restores parameters, optimizer state, RNG states and the data cursor, so a run
 interrupted at step k and resumed computes exactly what the uninterrupted run would.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .checkpoint_store import CheckpointError, CheckpointStore, ResumePoint, fsync_dir, step_name
 
-LATEST = "latest"
-CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 #: Marker file of a sharded checkpoint (torch.distributed.checkpoint metadata).
 DCP_METADATA = ".metadata"
 _SEEN: dict[int, set] = {}  # storages already written, per tensors dict being filled
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -138,20 +123,14 @@ def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, state: dict, *, keep: int,
-                      env: distributed.DistEnv | None = None) -> Path:
-    """The one writer of the checkpoint layout: `write_files(tmp)` fills a temporary directory (on
-    every rank of `env`), rank 0 adds state.json, fsyncs and publishes it as `step_N`. Returns its path."""
+                      env: distributed.DistEnv | None = None, store: CheckpointStore | None = None) -> Path:
+    """The one writer of a checkpoint's content: `write_files(tmp)` fills the store's temporary folder
+    (on every rank of `env`), rank 0 adds state.json and publishes it as `step_N`. Returns its path."""
     main = env is None or env.is_main
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:06d}"
-    # ranks of one job must agree on the name; a single process adds its pid
-    tmp = root / (f".tmp_step_{step:06d}" + ("" if env is not None else f"_{os.getpid()}"))
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    distributed.barrier(env)
+    store = store or CheckpointStore(run_dir)
+    tmp = store.begin(step) if main else None
+    if env is not None:  # every rank writes its shards into rank 0's folder
+        tmp = distributed.broadcast_object(tmp, env)
     try:
         write_files(tmp)
         distributed.barrier(env)
@@ -160,59 +139,66 @@ def _write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, state:
                 json.dump({"step": step, **state}, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
     except BaseException:
-        if env is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            store.abort(tmp)
         raise
-    if main:
-        _publish(tmp, final, root, keep)
+    final = store.publish(tmp, step, keep) if main else None
     distributed.barrier(env)
-    return final
+    return final if main else store.root / step_name(step)
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str, step: int) -> None:
+    """Raise CheckpointError naming the first floating tensor of `tensors` holding NaN or inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"refusing to save step {step}: {what} {name!r} holds NaN or inf "
+                                  "(the previous checkpoint is kept)")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, extra: dict, *, keep: int = 2,
-                    master: dict[str, torch.Tensor] | None = None) -> Path:
+                    master: dict[str, torch.Tensor] | None = None, store: CheckpointStore | None = None) -> Path:
     """Write single-process checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path.
 
     master: {parameter name: fp32 master weight} to store beside the model's (lower-precision) weights.
     """
     opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
     rng_js, rng_tensors = rng_state()
+    params = trainable_state(model)
+    masters = {n: t.detach().contiguous().cpu() for n, t in master.items()} if master is not None else None
+    require_finite(params, "parameter", step)
+    require_finite(masters or {}, "master weight", step)
+    require_finite(opt_tensors, "optimizer state", step)
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), str(tmp / "policy.safetensors"))
-        if master is not None:
-            save_file({n: t.detach().contiguous().cpu() for n, t in master.items()}, str(tmp / "master.safetensors"))
+        save_file(params, str(tmp / "policy.safetensors"))
+        if masters is not None:
+            save_file(masters, str(tmp / "master.safetensors"))
         save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
 
-    return _write_checkpoint(run_dir, step, write, {"optimizer": opt_plain, "rng": rng_js, **extra}, keep=keep)
+    return _write_checkpoint(run_dir, step, write, {"optimizer": opt_plain, "rng": rng_js, **extra}, keep=keep,
+                             store=store)
 
 
-def _publish(tmp: Path, final: Path, root: Path, keep: int) -> Path:
-    """Make a fully written (and fsynced) checkpoint folder `tmp` visible atomically as `final`,
-    point `root/latest` at it, and delete all but the `keep` newest `step_*` folders (keep <= 0: none)."""
-    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
-    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def find_resume_point(run_dir: str | os.PathLike, *, deep: bool = True) -> ResumePoint:
+    """The checkpoint a resumed run starts from (see `CheckpointStore.resume_candidate`).
+
+    Dead saves' temp folders are cleared first (by the main process only: ranks of one job must not
+    race over them). deep=False checks manifests and file sizes but not the checksums (cheap).
+    """
+    store = CheckpointStore(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        store.remove_dead_temps()
+    return store.resume_candidate(deep=deep)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names in `run_dir`, or None when there is none."""
-    root = Path(run_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if not pointer.is_file():
+    """The newest verified checkpoint of `run_dir`, or None when it has none."""
+    try:
+        return find_resume_point(run_dir).path
+    except CheckpointError:
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / STATE).is_file() else None
 
 
 def read_state(path: str | os.PathLike) -> dict:
@@ -277,7 +263,8 @@ def _trainable_model_state(root, optimizer) -> tuple[dict, dict]:
     return model_sd, optim_sd
 
 
-def save_sharded(run_dir: str | os.PathLike, step: int, root, optimizer, extra: dict, *, keep: int = 2) -> Path:
+def save_sharded(run_dir: str | os.PathLike, step: int, root, optimizer, extra: dict, *, keep: int = 2,
+                 store: CheckpointStore | None = None) -> Path:
     """Every rank writes its shards of the trainable parameters and optimizer state with DCP; rank 0
     writes state.json and publishes. Collective: every rank must call it."""
     import torch.distributed.checkpoint as dcp
@@ -287,10 +274,12 @@ def save_sharded(run_dir: str | os.PathLike, step: int, root, optimizer, extra: 
 
     def write(tmp: Path) -> None:
         model_sd, optim_sd = _trainable_model_state(root, optimizer)
+        local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model_sd.items()}
+        require_finite({k: v for k, v in local.items() if isinstance(v, torch.Tensor)}, "parameter shard", step)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
 
     state = {"format": "dcp", "world_size": env.world_size if env else 1, "rng": rng_js, **extra}
-    return _write_checkpoint(run_dir, step, write, state, keep=keep, env=env)
+    return _write_checkpoint(run_dir, step, write, state, keep=keep, env=env, store=store)
 
 
 def load_sharded(path: str | os.PathLike, root, optimizer) -> dict:
@@ -321,17 +310,29 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | os.PathLike, model, optimizer, fsdp_root=None, *, keep: int = 2):
         self.run_dir, self.model, self.optimizer, self.fsdp_root, self.keep = Path(run_dir), model, optimizer, fsdp_root, keep
+        self.store = CheckpointStore(run_dir)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
+    def resumed_from(self, point: ResumePoint) -> None:
+        """Note where the run resumed: after a fall-back nothing is pruned (the skipped folders are evidence)."""
+        if point.fell_back:
+            self.store.prune_enabled = False
+
     def save(self, step: int, extra: dict) -> Path:
         if self.fsdp_root is not None:
-            return save_sharded(self.run_dir, step, self.fsdp_root, self.optimizer.inner, extra, keep=self.keep)
+            return save_sharded(self.run_dir, step, self.fsdp_root, self.optimizer.inner, extra, keep=self.keep,
+                                store=self.store)
         return save_checkpoint(self.run_dir, step, self.model, self.optimizer.inner, extra, keep=self.keep,
-                               master=self.optimizer.master_state())
+                               master=self.optimizer.master_state(), store=self.store)
 
     def load(self, path: str | os.PathLike) -> dict:
-        if self.fsdp_root is not None:
-            return load_sharded(path, self.fsdp_root, self.optimizer.inner)
-        return load_checkpoint(path, self.model, self.optimizer.inner, master=self.optimizer.master_state())
+        try:
+            if self.fsdp_root is not None:
+                return load_sharded(path, self.fsdp_root, self.optimizer.inner)
+            return load_checkpoint(path, self.model, self.optimizer.inner, master=self.optimizer.master_state())
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # a verified file that still does not load
+            raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(err).__name__}: {err})") from err

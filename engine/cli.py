@@ -17,6 +17,8 @@ COMMAND_MODULES: list[str] = ["engine.train_cli", "engine.data.cli", "engine.pla
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairuni", description="PairGRPO for unified VLMs (Janus-Pro).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (by default: one line naming the key or file)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -22,11 +22,13 @@ import yaml
 from pairuni_kernels.reference import KL_ESTIMATORS, LOSS_AGG_MODES
 
 from . import checkpoint, distributed, rewards
+from .checkpoint_store import CheckpointError
 from .data import default_pairs_path
 from .data.sampler import read_training_pairs
 from .model import ATTN_IMPLEMENTATIONS, DEFAULT_TRAIN_MODULES, DTYPES, TRAINABLE_MODULE_NAMES
 from .optim import OPTIMIZERS
 from .policy import IMAGE_LOGPROBS
+from .preflight import PreflightError, check_device, check_model_dir, check_run_dir, history_of
 
 
 class ConfigError(ValueError):
@@ -163,7 +165,14 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     resume: bool = False
-    """Continue from the latest checkpoint in run_dir when there is one (False: start afresh)."""
+    """Continue from the newest verified checkpoint in run_dir when there is one (False: start afresh)."""
+    on_existing: str = "refuse"
+    """What a fresh start does when run_dir holds an earlier run (metrics, checkpoints): refuse (the
+    default: nothing is ever overwritten unasked) | set_aside (move it to run_dir/previous-<time>/) |
+    overwrite (set it aside, then delete it once the first step has succeeded)."""
+    max_bad_steps: int = 3
+    """Stop the run with an error after this many steps in a row whose loss or gradient norm was not
+    finite (each such update is skipped and logged)."""
     progress: bool = True
     """Show a tqdm progress bar."""
     num_threads: int = 0
@@ -322,6 +331,8 @@ def validate(cfg: Config) -> None:
     """Range and consistency checks; raises ConfigError naming the key. Touches only the file system."""
     m, d, r, w, a, o, t = cfg.model, cfg.data, cfg.rollout, cfg.reward, cfg.algo, cfg.optim, cfg.train
     _check(m.path is None or os.path.isdir(m.path), "model.path", "an existing local directory (nothing is downloaded)", m.path)
+    if m.path is not None:
+        _preflight(check_model_dir, m.path)
     _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
     _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
            " | ".join(ATTN_IMPLEMENTATIONS), m.attn_implementation)
@@ -380,10 +391,20 @@ def validate(cfg: Config) -> None:
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(dc, key)
         _check(value is None or value in DTYPES, f"distributed.{key}", f"null or one of {tuple(DTYPES)}", value)
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
-           "auto | cpu | cuda | cuda:N", t.device)
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    _check(t.on_existing in ON_EXISTING, "train.on_existing", " | ".join(ON_EXISTING), t.on_existing)
+    _preflight(check_device, t.device)
+    _preflight(check_run_dir, t.run_dir)
     _validate_launch(cfg)
     _validate_resume(cfg)
+
+
+def _preflight(check, *args) -> None:
+    """Run an environment check of engine/preflight.py; its one-line error becomes a ConfigError."""
+    try:
+        check(*args)
+    except PreflightError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _validate_launch(cfg: Config) -> None:
@@ -401,18 +422,59 @@ def _validate_launch(cfg: Config) -> None:
            f"a multiple of the {world} ranks (every rank holds whole pairs)", cfg.data.pairs_per_step)
 
 
+ON_EXISTING = ("refuse", "set_aside", "overwrite")
+
+
+def start_point(cfg: Config) -> checkpoint.ResumePoint:
+    """Where a training run starts: the newest fully verified checkpoint when `train.resume` finds one
+    (`.skipped` lists what it passed over), else step 0 in a run_dir that holds nothing the user did
+    not give up (`train.on_existing`). Call it before the model loads."""
+    point = checkpoint.ResumePoint(None)
+    if cfg.train.resume:
+        try:
+            point = checkpoint.find_resume_point(cfg.train.run_dir)
+        except CheckpointError as exc:
+            raise ConfigError(f"train.resume: {exc}") from None
+    if point.path is None:
+        _check_fresh_start(cfg)
+    return point
+
+
+def _check_fresh_start(cfg: Config) -> None:
+    history = history_of(cfg.train.run_dir)
+    if history and cfg.train.on_existing == "refuse":
+        raise ConfigError(
+            f"train.run_dir: {cfg.train.run_dir} holds an earlier run ({', '.join(history)}) and no checkpoint to "
+            f"resume{'' if cfg.train.resume else ' (train.resume is false)'}; continue it with train.resume=true, or "
+            "start afresh with train.on_existing=set_aside (moves it to previous-<time>/) or =overwrite")
+
+
 def _validate_resume(cfg: Config) -> None:
+    """The checkpoint a resumed run starts from: complete, of the right kind (sharded or not), and
+    written with the same trajectory-defining config."""
     if not cfg.train.resume:
         return
-    latest = checkpoint.latest_checkpoint(cfg.train.run_dir)
-    if latest is None:
+    try:  # manifests and sizes only: the trainer verifies the checksums when it loads
+        point = checkpoint.find_resume_point(cfg.train.run_dir, deep=False)
+    except CheckpointError as exc:
+        raise ConfigError(f"train.resume: {exc}") from None
+    if point.path is None:
         return
+    latest = point.path
     sharded = checkpoint.is_sharded(latest)
     _check(not sharded or distributed.torchrun_world_size() is not None, "train.resume",
            f"a torchrun launch to resume {latest} (written by a torchrun run; any number of processes works, "
            "--nproc_per_node 1 included)", cfg.train.resume)
     _check(sharded or distributed.torchrun_world_size() is None, "train.resume",
            f"a single process to resume {latest} (a single-process checkpoint)", cfg.train.resume)
+    try:
+        saved = checkpoint.read_state(latest).get("config", {})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"train.resume: {latest}/state.json cannot be read ({exc})") from None
+    changes = trajectory_changes(saved, cfg.to_dict())
+    if changes:
+        raise ConfigError(f"train.resume: {latest} was written with another config, and these keys change what "
+                          f"the run computes: {'; '.join(changes)} (start a new run_dir to change them)")
 
 
 def _half(pair, task: str):
@@ -444,7 +506,8 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys a resumed run may change: none of them alters what a step computes (or which steps run,
 # beyond how many). Every other key is part of the trajectory that "exact resume" promises.
-RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.progress", "train.resume", "train.run_dir"})
+RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.progress", "train.resume", "train.run_dir",
+                               "train.on_existing", "train.max_bad_steps"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, typing.Any]:

@@ -255,12 +255,21 @@ def full_tensor(x) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
+def broadcast_object(obj, env: DistEnv | None):
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself in a single process."""
+    if env is None:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(env: DistEnv | None) -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if env is not None:
         dist.barrier()
 
 
-__all__ = ["DistEnv", "FSDPRoot", "all_reduce_sum", "barrier", "current", "decoder_layers", "full_tensor",
+__all__ = ["DistEnv", "FSDPRoot", "all_reduce_sum", "barrier", "broadcast_object", "current", "decoder_layers", "full_tensor",
            "global_denominator", "init_from_env", "is_main", "launched_by_torchrun", "local_pairs", "mixed_precision",
            "resolve_device", "shard_model", "shutdown", "torchrun_world_size", "unsharded"]

@@ -2,7 +2,8 @@
 
 One row per step (`PairGRPOTrainer.train_step`): the step, mean rewards, the loss statistics of
 the last inner epoch per task, the gradient norm, timings and (CUDA) peak memory. Only rank 0
-writes; a resumed run rewrites history after its checkpoint, so the file reads like one run.
+writes; a resumed run drops the rows after its checkpoint (when its first step has succeeded,
+never before), so the file reads like one run.
 """
 
 from __future__ import annotations
@@ -11,9 +12,19 @@ import json
 import logging
 from pathlib import Path
 
+from .data.io import atomic_writer
+
 log = logging.getLogger("pairuni.metrics")
 
 REWARD_KEYS = (("reward.understanding", "understanding"), ("reward.generation", "generation"))
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or torn one (a kill mid-append), so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class MetricsLog:
@@ -30,9 +41,9 @@ class MetricsLog:
         if not enabled:
             return
         kept = []
-        if self.path.exists():  # a resumed run rewrites history after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        if self.path.exists():  # a resumed run rewrites history after its checkpoint ...
+            kept = [ln for ln in self.path.read_text().splitlines() if _row_step(ln) <= start_step]
+        self._rewrite = kept if self.path.exists() else None  # ... but only once its first step succeeded
         self.rows = [json.loads(ln) for ln in kept]
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -45,6 +56,10 @@ class MetricsLog:
         self.rows.append(row)
         if not self.enabled:
             return
+        if self._rewrite is not None:
+            with atomic_writer(self.path) as fh:
+                fh.write("".join(ln + "\n" for ln in self._rewrite))
+            self._rewrite = None
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.tb is not None:

@@ -3,10 +3,9 @@
 Each check raises `PreflightError` (a ValueError) with one line that names the config key or
 path at fault; `pairuni train` prints that line and exits non-zero.
 
-- `check_run_dir`:   the run directory is (or can become) a writable folder.
+- `check_run_dir`:   the run directory is (or can become) a writable folder; nothing is created.
 - `check_device`:    `train.device` names a device this machine has.
 - `check_model_dir`: a local model folder has a parseable config.json and safetensors weights.
-- `check_images`:    every image a pairs file names decodes.
 - `history_of` / `set_aside`: what an earlier run left in a run directory, and moving it aside
   (a reused run directory is never truncated without the user asking).
 """
@@ -17,8 +16,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
@@ -30,19 +27,19 @@ class PreflightError(ValueError):
     """A problem found before the model loads; the message is one line naming its key or path."""
 
 
-def check_run_dir(run_dir: str | os.PathLike, key: str = "train.run_dir") -> Path:
-    """Create `run_dir` if needed and prove that files can be created in it."""
-    path = Path(run_dir)
+def check_run_dir(run_dir: str | os.PathLike, key: str = "train.run_dir") -> None:
+    """`run_dir` is a writable folder, or can be created (its nearest existing parent is writable)."""
+    path = Path(run_dir).absolute()
     if path.exists() and not path.is_dir():
-        raise PreflightError(f"{key}: {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise PreflightError(f"{key}: {path} is not writable ({err.strerror or err})") from None
-    return path
+        raise PreflightError(f"{key}: {run_dir} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"{key}: {run_dir} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise PreflightError(f"{key}: {run_dir} {what}")
 
 
 def check_device(device: str, key: str = "train.device") -> None:
@@ -87,21 +84,6 @@ def check_model_dir(path: str | os.PathLike, key: str = "model.path") -> None:
             raise PreflightError(f"{key}: {folder} lacks weight shard(s) {missing[:3]} named in {index.name}")
     elif not any(folder.glob("*.safetensors")):
         raise PreflightError(f"{key}: {folder} has no *.safetensors weights")
-
-
-def check_images(paths: Iterable[Path], key: str, *, progress: bool = False) -> None:
-    """Every image decodes; the error names the first one that does not (and how many failed)."""
-    from tqdm import tqdm
-
-    from engine.data.validate import image_file_problem
-
-    unique = sorted(set(paths))
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
-        problems = [p for p in tqdm(pool.map(image_file_problem, unique), total=len(unique), desc="check images",
-                                    unit="image", disable=not progress) if p is not None]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PreflightError(f"{key}: {problems[0]}{more}; `pairuni validate` lists them all")
 
 
 def history_of(run_dir: str | os.PathLike) -> list[str]:

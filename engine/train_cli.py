@@ -42,17 +42,29 @@ def run(args) -> int:
 
         trainer = PairGRPOTrainer.from_config(cfg)
     except ConfigError as exc:
-        print(f"pairuni train: config error: {exc}", file=sys.stderr)
         distributed.shutdown()
-        return 2
+        return _fail(args, exc, "config error: ")
+    except ValueError as exc:  # a checkpoint that verified but does not load, a bad model folder, ...
+        distributed.shutdown()
+        return _fail(args, exc)
     try:
         summary = trainer.train()
+    except (ValueError, RuntimeError) as exc:  # CheckpointError, NonFiniteError, ...
+        return _fail(args, exc)
     finally:
         main = distributed.is_main()
         distributed.shutdown()  # torchrun: leave the process group cleanly
     if main:  # one summary per job, from rank 0
         print(format_summary(summary))
     return 0
+
+
+def _fail(args, exc: Exception, prefix: str = "") -> int:
+    """One line naming what is wrong (the full traceback with `pairuni --debug`); exit code 2."""
+    if getattr(args, "debug", False):
+        raise exc
+    print(f"pairuni train: {prefix}{exc}", file=sys.stderr)
+    return 2
 
 
 def format_summary(s: dict) -> str:

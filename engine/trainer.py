@@ -21,8 +21,9 @@ Micro-batch scaling follows the loss aggregation mode, so results do not depend 
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,10 @@ from pairuni_kernels.policy_loss import loss_denominator
 from . import distributed
 from .build import Components, build_components
 from .config import Config
+from .data.io import write_json
 from .metrics import MetricsLog, summarize
 from .policy import TASKS, task_mask, task_view
+from .preflight import history_of, set_aside
 from .rewards import RewardInput
 from .rollout import concat_rollouts, rollout_generation, rollout_seeds, rollout_understanding
 
@@ -61,6 +64,10 @@ def chunk_share(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor,
     if full_den is None:
         full_den = loss_denominator(full_mask, mode)
     return loss_denominator(chunk_mask, mode).clamp(min=1) / full_den.clamp(min=1)
+
+
+class NonFiniteError(RuntimeError):
+    """`train.max_bad_steps` steps in a row had a non-finite loss or gradient norm; names the step."""
 
 
 @dataclass
@@ -96,6 +103,7 @@ class PairGRPOTrainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.metrics_log: MetricsLog | None = None  # open while `train` runs
         self.step = 0
+        self.bad_steps = 0  # steps in a row whose every update was skipped as non-finite
 
     @classmethod
     def from_config(cls, cfg: Config) -> PairGRPOTrainer:
@@ -124,6 +132,13 @@ class PairGRPOTrainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.metrics_log is not None:
             self.metrics_log.write(row)
+        self.bad_steps = self.bad_steps + 1 if metrics.get("skipped_updates") == self.cfg.algo.mu else 0
+        if metrics.get("skipped_updates"):
+            log.warning("step %d: %d of %d updates skipped (non-finite loss or gradient norm)", step,
+                        metrics["skipped_updates"], self.cfg.algo.mu)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise NonFiniteError(f"step {step}: the loss or gradient norm was not finite in {self.bad_steps} steps "
+                                 f"in a row (train.max_bad_steps); lower optim.lr? The last checkpoint is intact")
         # 6. checkpoint (after the row is written: a resumed run keeps the rows up to its checkpoint)
         if self.cfg.train.save_every and step % self.cfg.train.save_every == 0:
             self.save()
@@ -251,21 +266,29 @@ class PairGRPOTrainer:
             refs = {(t, c.start): self.reference_logprobs(t, batch, c)
                     for t, _ in self.tasks() for c in self.micro_batches(batch)}
         metrics: dict = {}
+        skipped = 0
         self.model.train()
         for _ in range(self.cfg.algo.mu):
             self.optimizer.zero_grad()
             sums = self.backward(batch, refs)
             metrics = {"grad_norm": self.optimizer.clip_grad_norm(self.cfg.optim.max_grad_norm)}
-            self.optimizer.step()
             for task, (loss, clip_fraction, ratio_mean, kl) in sums.items():
                 metrics.update({f"loss.{task}": loss, f"clip_fraction.{task}": clip_fraction,
                                 f"ratio_mean.{task}": ratio_mean, f"kl.{task}": kl})
+            # a NaN/inf loss or gradient would poison every weight it touches: skip this update
+            if all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss.", "grad_norm"))):
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad()
+                skipped += 1
         self.model.eval()
+        if skipped:
+            metrics["skipped_updates"] = skipped
         return metrics
 
     # ------------------------------------------------------------------ checkpoints and the loop
     def state_extra(self) -> dict:
-        extra = {"data": self.sampler.state_dict(), "config": self.cfg.to_dict()}
+        extra = {"data": self.sampler.state_dict(), "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
         if self.parts.tokenizer_json is not None:
             extra["tokenizer"] = self.parts.tokenizer_json
         return extra
@@ -275,22 +298,31 @@ class PairGRPOTrainer:
         return self.checkpoints.save(self.step, self.state_extra())
 
     def maybe_resume(self) -> bool:
-        ckpt = self.checkpoints.latest() if self.cfg.train.resume else None
-        if ckpt is None:
+        """Load the checkpoint `config.start_point` chose before the model loaded (none: False)."""
+        point = self.parts.resume
+        if point is None or point.path is None:
             return False
-        state = self.checkpoints.load(ckpt)
+        state = self.checkpoints.load(point.path)
+        self.checkpoints.resumed_from(point)
         self.step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
         self.sampler.load_state_dict(state["data"])
-        log.info("resumed from %s (step %d)", ckpt, self.step)
+        log.info("resumed from %s (step %d)", point.path, self.step)
         return True
 
     def train(self, steps: int | None = None) -> dict:
         """Run until `cfg.train.steps` (or `steps` more); returns a summary dict."""
         main = distributed.is_main()
+        resumed_from = self.step if self.maybe_resume() else None
+        earlier = None  # an earlier run's files, moved aside (train.on_existing) before anything is written
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        resumed_from = self.step if self.maybe_resume() else None
+            self.checkpoints.store.remove_dead_temps()
+            if resumed_from is None and history_of(self.run_dir):
+                earlier = set_aside(self.run_dir)
+                log.warning("train.on_existing=%s: the earlier run in %s moved to %s", self.cfg.train.on_existing,
+                            self.run_dir, earlier)
+            write_json(self.run_dir / "config.json", self.cfg.to_dict())
         end = self.cfg.train.steps if steps is None else self.step + steps
         self.metrics_log = metrics_log = MetricsLog(self.run_dir, self.step, enabled=main)
         t0 = time.perf_counter()
@@ -299,6 +331,9 @@ class PairGRPOTrainer:
         try:
             while self.step < end:
                 row = self.train_step()
+                if earlier is not None and self.cfg.train.on_existing == "overwrite":
+                    shutil.rmtree(earlier, ignore_errors=True)  # only now that a step of the new run succeeded
+                    earlier = None
                 bar.update(1)
                 bar.set_postfix(r_und=f"{row['reward.understanding']:.3f}", r_gen=f"{row['reward.generation']:.3f}")
         finally:

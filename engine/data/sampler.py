@@ -11,12 +11,14 @@ What a pair must carry depends on the rewards; the caller passes one check per r
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from engine.data.io import read_pairs, resolve_image_path
 from engine.data.schema import Pair, Sample
+from engine.data.validate import image_file_problem
 
 #: `check(pair) -> problem or None`, one per reward.
 PairCheck = Callable[[Pair], "str | None"]
@@ -46,9 +48,17 @@ def read_training_pairs(path: str | Path, *, max_pairs: int | None = None, image
             problem = check(pair)
             if problem:
                 raise ValueError(f"{where}: {problem}")
+    # every image the run will load must decode: a bad file found at step 1 would cost a model load
+    first_use = {}
+    for i, pair in enumerate(pairs):
         image = resolve_image_path(pair.understand.image_path, root)
         if not image.is_file():
-            raise ValueError(f"{where}: understand_ann.image_path {str(image)!r} does not exist")
+            raise ValueError(f"{path}: pair #{i + 1}: understand_ann.image_path {str(image)!r} does not exist")
+        first_use.setdefault(image, i)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for (image, i), problem in zip(first_use.items(), pool.map(image_file_problem, first_use)):
+            if problem is not None:
+                raise ValueError(f"{path}: pair #{i + 1}: understand_ann.image_path: {problem}")
     return pairs, root
 
 

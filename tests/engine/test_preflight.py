@@ -12,7 +12,6 @@ from engine.config import Config, trajectory_changes
 from engine.preflight import (
     PreflightError,
     check_device,
-    check_images,
     check_model_dir,
     check_run_dir,
     history_of,
@@ -21,10 +20,13 @@ from engine.preflight import (
 
 
 def test_run_dir_must_be_a_writable_folder(tmp_path):
-    assert check_run_dir(tmp_path / "a" / "b").is_dir()
+    check_run_dir(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()  # checked, not created
     (tmp_path / "file").write_text("x")
     with pytest.raises(PreflightError, match=r"^train\.run_dir: .*file exists and is not a folder$"):
         check_run_dir(tmp_path / "file")
+    with pytest.raises(PreflightError, match=r"cannot be created: .*file is not a folder$"):
+        check_run_dir(tmp_path / "file" / "run")
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
     locked = tmp_path / "locked"
@@ -67,19 +69,6 @@ def test_model_dir_needs_config_and_weights(tmp_path):
         check_model_dir(tmp_path)
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x")
     check_model_dir(tmp_path)
-
-
-def test_images_must_decode(tmp_path):
-    from PIL import Image
-
-    good = tmp_path / "good.png"
-    Image.new("RGB", (8, 8)).save(good)
-    bad = [tmp_path / "bad.png", tmp_path / "worse.jpg"]
-    for path in bad:
-        path.write_bytes(b"not an image")
-    check_images([good, good], "data.pairs_path")
-    with pytest.raises(PreflightError, match=r"^data.pairs_path: not a readable image: .*bad.png .*\(and 1 more\)"):
-        check_images([good, *bad], "data.pairs_path")
 
 
 def test_history_is_found_and_set_aside_whole(tmp_path):
