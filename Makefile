@@ -18,8 +18,9 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train,test-integrations]"
 	touch $(STAMP)
 
+# A demo run replaces the previous demo's files (only once its first step has succeeded).
 demo: $(STAMP)
-	$(BIN)/pairuni train
+	$(BIN)/pairuni train train.on_existing=overwrite
 
 test: $(STAMP) cuda-check
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data.io import current_umask
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -246,6 +248,9 @@ class CheckpointStore:
         keep: how many verified checkpoints to keep (<= 0: all).
         """
         kill_point("save:files_written")
+        mode = 0o666 & ~current_umask()
+        for path in _files(tmp):  # some writers (safetensors) create 0600 files whatever the umask says
+            os.chmod(path, mode)
         write_manifest(tmp, step)
         kill_point("save:sealed")
         final = self.root / step_name(step)

@@ -444,8 +444,8 @@ def _check_fresh_start(cfg: Config) -> None:
     history = history_of(cfg.train.run_dir)
     if history and cfg.train.on_existing == "refuse":
         raise ConfigError(
-            f"train.run_dir: {cfg.train.run_dir} holds an earlier run ({', '.join(history)}) and no checkpoint to "
-            f"resume{'' if cfg.train.resume else ' (train.resume is false)'}; continue it with train.resume=true, or "
+            f"train.run_dir: {cfg.train.run_dir} holds an earlier run ({', '.join(history)})"
+            f"{' but no checkpoint to resume' if cfg.train.resume else '; continue it with train.resume=true'}; "
             "start afresh with train.on_existing=set_aside (moves it to previous-<time>/) or =overwrite")
 
 

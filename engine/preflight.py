@@ -99,14 +99,14 @@ def history_of(run_dir: str | os.PathLike) -> list[str]:
     return found
 
 
-def set_aside(run_dir: str | os.PathLike) -> Path:
-    """Move an earlier run's files into `run_dir/previous-<timestamp>/`; returns that folder."""
+def set_aside(run_dir: str | os.PathLike, prefix: str = "previous") -> Path:
+    """Move an earlier run's files into `run_dir/<prefix>-<timestamp>/`; returns that folder."""
     folder = Path(run_dir)
-    aside = folder / time.strftime("previous-%Y%m%d-%H%M%S")
-    suffix = 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = folder / f"{prefix}-{stamp}", 0
     while aside.exists():
         suffix += 1
-        aside = folder / f"{time.strftime('previous-%Y%m%d-%H%M%S')}-{suffix}"
+        aside = folder / f"{prefix}-{stamp}-{suffix}"
     aside.mkdir()
     for name in HISTORY_FILES:
         if (folder / name).exists():

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from .config import Config, ConfigError, load_config
 from .data import Pair
 from .policy import TASKS
+from .preflight import check_run_dir
 from .trainer import PairGRPOTrainer
 
 log = logging.getLogger("pairuni.probe")
@@ -408,6 +409,8 @@ def run(args) -> int:
     if args.model is not None:
         overrides.append("model.path=null" if args.model == "tiny" else f"model.path={args.model}")
     try:
+        if args.out is not None:  # found now, not after every batch has been computed
+            check_run_dir(args.out, key="--out")
         cfg = load_config(args.config, overrides)
         result = probe_gradients(cfg, num_batches=args.num_batches, pairs_per_batch=args.pairs_per_batch,
                                  seed=args.seed, out_dir=args.out)

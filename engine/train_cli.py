@@ -38,7 +38,7 @@ def run(args) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        from .trainer import PairGRPOTrainer
+        from .trainer import NonFiniteError, PairGRPOTrainer
 
         trainer = PairGRPOTrainer.from_config(cfg)
     except ConfigError as exc:
@@ -49,8 +49,10 @@ def run(args) -> int:
         return _fail(args, exc)
     try:
         summary = trainer.train()
-    except (ValueError, RuntimeError) as exc:  # CheckpointError, NonFiniteError, ...
+    except NonFiniteError as exc:  # names its step
         return _fail(args, exc)
+    except (ValueError, RuntimeError) as exc:  # CheckpointError, a rollout on a broken policy, ...
+        return _fail(args, exc, f"step {trainer.step + 1}: ")
     finally:
         main = distributed.is_main()
         distributed.shutdown()  # torchrun: leave the process group cleanly

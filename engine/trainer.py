@@ -319,7 +319,8 @@ class PairGRPOTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints.store.remove_dead_temps()
             if resumed_from is None and history_of(self.run_dir):
-                earlier = set_aside(self.run_dir)
+                # overwrite: kept as "overwritten-*" until a step of the new run has succeeded
+                earlier = set_aside(self.run_dir, "overwritten" if self.cfg.train.on_existing == "overwrite" else "previous")
                 log.warning("train.on_existing=%s: the earlier run in %s moved to %s", self.cfg.train.on_existing,
                             self.run_dir, earlier)
             write_json(self.run_dir / "config.json", self.cfg.to_dict())
@@ -332,7 +333,8 @@ class PairGRPOTrainer:
             while self.step < end:
                 row = self.train_step()
                 if earlier is not None and self.cfg.train.on_existing == "overwrite":
-                    shutil.rmtree(earlier, ignore_errors=True)  # only now that a step of the new run succeeded
+                    for old in self.run_dir.glob("overwritten-*"):  # those of crashed attempts too
+                        shutil.rmtree(old, ignore_errors=True)
                     earlier = None
                 bar.update(1)
                 bar.set_postfix(r_und=f"{row['reward.understanding']:.3f}", r_gen=f"{row['reward.generation']:.3f}")

@@ -28,7 +28,7 @@ def _tiny_overrides(pairs_path, run_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides():
     """`tiny_overrides(pairs_path, run_dir, **{"key": value})` -> `key=value` overrides of a run
     small enough for a few seconds per step on 2 shared CPU cores."""
@@ -51,3 +51,13 @@ def image_prompts():
         ids = torch.cat([bos, body, boi], 1)
         return ids, torch.ones_like(ids)
     return make
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model construction fails the test: errors must come first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config/data error")
+
+    monkeypatch.setattr(janus, "tiny_janus", boom)
+    monkeypatch.setattr(janus, "load_janus", boom)

@@ -94,18 +94,6 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         load_config(str(bad))
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any model construction fails the test: errors must come first."""
-    from engine import model
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model was loaded before the config/data error")
-
-    monkeypatch.setattr(model, "tiny_janus", boom)
-    monkeypatch.setattr(model, "load_janus", boom)
-
-
 def _write_pairs(path: Path, records) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
