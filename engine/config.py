@@ -10,6 +10,7 @@ With no file, the defaults are the tiny demo run (`configs/tiny.yaml` holds the 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import types
 import typing
@@ -352,6 +353,8 @@ def validate(cfg: Config) -> None:
             exists = os.path.isdir if kind == "dir" else os.path.isfile
             what = "a local CLIP model directory" if kind == "dir" else "a local checkpoint file"
             _check(value is not None and exists(value), f"reward.{key}", f"{what} (reward.{task}={name})", value)
+        if needs.module is not None:
+            _check_importable(f"reward.{task}", name, *needs.module)
     _check(0 <= a.epsilon_low <= 1, "algo.epsilon_low", "a number in [0, 1]", a.epsilon_low)
     _check(a.epsilon_high >= 0, "algo.epsilon_high", "a number >= 0", a.epsilon_high)
     _check(a.beta >= 0, "algo.beta", "a number >= 0", a.beta)
@@ -379,6 +382,17 @@ def validate(cfg: Config) -> None:
            "auto | cpu | cuda | cuda:N", t.device)
     _validate_launch(cfg)
     _validate_resume(cfg)
+
+
+def _check_importable(key: str, name: str, module: str, install: str) -> None:
+    """Import `module` now: any failure (missing, or a broken install that raises something other than
+    ImportError) becomes one line naming the key, before a model loads."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"{key}={name} needs the `{module}` package ({type(exc).__name__}: {first}); "
+                          f"install it with: {install}") from None
 
 
 def _validate_launch(cfg: Config) -> None:
