@@ -134,6 +134,8 @@ def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
     return Components(
         model=model, prompts=prompts, pairs=pairs,
         sampler=PairSampler(pairs, cfg.data.pairs_per_step, cfg.train.seed, cfg.data.shuffle),
-        images=ImageCache(data_root, prompts.image_size, load_image), optimizer=optimizer, rewards=task_rewards,
+        images=ImageCache(data_root, prompts.image_size,
+                          functools.partial(load_image, background=prompts.background_color)),
+        optimizer=optimizer, rewards=task_rewards,
         checkpoints=Checkpointer(cfg.train.run_dir, model, optimizer, fsdp), device=device, dist=env, fsdp=fsdp,
         ref_model=ref_model, tokenizer_json=tokenizer_json, resume=resume)

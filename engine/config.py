@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 import os
 import types
@@ -368,6 +369,8 @@ def validate(cfg: Config) -> None:
             exists = os.path.isdir if kind == "dir" else os.path.isfile
             what = "a local CLIP model directory" if kind == "dir" else "a local checkpoint file"
             _check(value is not None and exists(value), f"reward.{key}", f"{what} (reward.{task}={name})", value)
+        if needs.module is not None:
+            _check_importable(f"reward.{task}", name, *needs.module)
     _check(0 <= a.epsilon_low <= 1, "algo.epsilon_low", "a number in [0, 1]", a.epsilon_low)
     _check(a.epsilon_high >= 0, "algo.epsilon_high", "a number >= 0", a.epsilon_high)
     _check(a.beta >= 0, "algo.beta", "a number >= 0", a.beta)
@@ -405,6 +408,17 @@ def _preflight(check, *args) -> None:
         check(*args)
     except PreflightError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_importable(key: str, name: str, module: str, install: str) -> None:
+    """Import `module` now: any failure (missing, or a broken install that raises something other than
+    ImportError) becomes one line naming the key, before a model loads."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"{key}={name} needs the `{module}` package ({type(exc).__name__}: {first}); "
+                          f"install it with: {install}") from None
 
 
 def _validate_launch(cfg: Config) -> None:

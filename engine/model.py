@@ -16,7 +16,9 @@ so `[N, V]` logits are never built in training (V = 102400 text, 16384 image for
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -229,7 +231,8 @@ def complete_generation_config(model, tokenizer) -> None:
     """Fill BOS / pad / begin-of-image ids that image generation needs from the tokenizer when the
     checkpoint's generation_config.json lacks them (transformers reads `generation_kwargs.boi_token_id`)."""
     gc = model.generation_config
-    kwargs = dict(gc.generation_kwargs or {})
+    # absent, not empty, when generation_config.json was written without it (`gc.boi_token_id = ...`)
+    kwargs = dict(getattr(gc, "generation_kwargs", None) or {})
     if kwargs.get("boi_token_id") is None:
         kwargs["boi_token_id"] = tokenizer.convert_tokens_to_ids(tokenizer.boi_token)
     gc.generation_kwargs = kwargs
@@ -301,11 +304,21 @@ def image_token_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:
     return model.prepare_embeddings_for_image_generation(tokens)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    """The language model's KV-cache argument: `cache` in recent transformers, where `past_key_values` is
+    deprecated (removal announced for 5.40); `past_key_values` in releases before the rename.
+    Cached per class: the rollouts call this once per decoded token."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def policy_hidden(model, inputs_embeds, attention_mask, position_ids, past_key_values=None) -> torch.Tensor:
     """Final (normed) hidden states of the language model: [B, L, H]."""
-    out = model.model.language_model(
+    lm = model.model.language_model
+    out = lm(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, use_cache=past_key_values is not None,
+        use_cache=past_key_values is not None, **{_cache_kwarg(type(lm)): past_key_values},
     )
     return out.last_hidden_state
 

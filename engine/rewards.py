@@ -14,7 +14,7 @@ Generation:
               share of the foreground pixels' nearest-colour votes; shape = softmax over the
               shapes of -distance between blob features (fill ratio, widest row).
   clip        cosine similarity of CLIP image and prompt embeddings (transformers CLIP, local dir).
-  hpsv2       HPSv2 score (needs the `hpsv2` package and a local checkpoint).
+  hpsv2       HPSv2 score (needs open_clip, see HPSV2_INSTALL, and a local checkpoint file).
   pair_qa     the policy itself answers the generation half's question about its own image;
               reward = accuracy of that answer (needs `answer_fn`).
 """
@@ -46,6 +46,8 @@ class RewardNeeds:
     attributes: keys that must be set in its half's `attributes` (e.g. the toy world's color, shape).
     path:       (config key under `reward.`, "dir" | "file") of a local model it loads.
     policy:     it asks the policy itself (gets `answer_fn` at construction).
+    module:     (import name, install command) of an optional package it needs; imported when the
+                config is validated, so a missing one fails before any model loads.
     """
 
     task: str
@@ -54,6 +56,7 @@ class RewardNeeds:
     attributes: tuple[str, ...] = ()
     path: tuple[str, str] | None = None
     policy: bool = False
+    module: tuple[str, str] | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -283,30 +286,41 @@ class ClipReward:
         return (img * txt).sum(-1).cpu()
 
 
+#: How to install what `reward.generation=hpsv2` imports without replacing the project's torch: the
+#: `hpsv2` wheel pins its own torch stack and ships without its BPE vocabulary, so the reward runs
+#: HPSv2's checkpoint on upstream open_clip (the library HPSv2 vendors), with a torchvision built
+#: for the installed torch (same index and version pairing as torch itself).
+HPSV2_INSTALL = 'pip install "torchvision==<the release paired with your torch>" && pip install -e ".[hpsv2]"'
+#: open_clip architecture of HPSv2 / HPSv2.1.
+HPSV2_ARCH = "ViT-H-14"
+
+
 @register_reward("hpsv2")
 class HPSv2Reward:
-    """HPSv2 (open_clip ViT-H-14 fine-tuned on human preferences): image-prompt score."""
+    """HPSv2 (open_clip ViT-H-14 fine-tuned on human preferences): image-prompt score, as HPSv2's own
+    scorer computes it (cosine of the normalised features)."""
 
-    needs = RewardNeeds("generation", images=True, path=("hpsv2_path", "file"))
+    needs = RewardNeeds("generation", images=True, path=("hpsv2_path", "file"), module=("open_clip", HPSV2_INSTALL))
 
     def __init__(self, reward_cfg, *, device="cpu", **_):
-        try:
-            from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
-        except ImportError as exc:
-            raise ImportError("reward.generation=hpsv2 needs the `hpsv2` package (pip install hpsv2)") from exc
-        model, _, preprocess = create_model_and_transforms("ViT-H-14", pretrained=None, precision="amp",
-                                                           device=device, jit=False)
+        import open_clip
+
+        # output_dict: the forward returns {"image_features", "text_features", ...}; without it, a tuple
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            HPSV2_ARCH, pretrained=None, precision="amp", device=device, jit=False, output_dict=True)
         state = torch.load(reward_cfg.hpsv2_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state))
         self.model, self.preprocess = model.eval(), preprocess
-        self.tokenizer = get_tokenizer("ViT-H-14")
+        self.tokenizer = open_clip.get_tokenizer(HPSV2_ARCH)
         self.device = device
 
     @torch.no_grad()
     def __call__(self, inp: RewardInput) -> torch.Tensor:
-        from torchvision.transforms.functional import to_pil_image
+        from PIL import Image
 
-        imgs = torch.stack([self.preprocess(to_pil_image(im.float().cpu())) for im in inp.images]).to(self.device)
+        pil = [Image.fromarray((im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+               for im in inp.images]
+        imgs = torch.stack([self.preprocess(im) for im in pil]).to(self.device)
         text = self.tokenizer([s.prompt for s in inp.samples]).to(self.device)
         out = self.model(imgs, text)
         img, txt = out["image_features"], out["text_features"]

@@ -24,14 +24,29 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
 
 
-def load_image(path, size: int) -> torch.Tensor:
-    """RGB file -> [3, size, size] float in [0, 1] (bicubic resize)."""
+#: Padding colour of non-square images when no processor says otherwise: the mean pixel, as Janus pads.
+BACKGROUND = (int(IMAGE_MEAN * 255),) * 3
+
+
+def load_image(path, size: int, background: tuple[int, int, int] = BACKGROUND) -> torch.Tensor:
+    """RGB file -> [3, size, size] uint8: the long side resized to `size` (bicubic, aspect ratio kept),
+    then centred on a `background` square, as Janus and `JanusImageProcessor` do (a stretched image
+    would show the vision encoder shapes it never saw). uint8 so a cache of many images stays small."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        im = im.convert("RGB")
+        w, h = im.size
+        # the processor's rule, floor included (14 px: the smallest side it lets through)
+        new_w, new_h = max(round(w * size / max(w, h)), 14), max(round(h * size / max(w, h)), 14)
+        im = im.resize((new_w, new_h), Image.BICUBIC)
+        if (new_w, new_h) != (size, size):
+            square = Image.new("RGB", (max(new_w, new_h),) * 2, tuple(background))
+            square.paste(im, ((square.width - new_w) // 2, (square.height - new_h) // 2))
+            im = square
+        side = im.width
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(size, size, 3).permute(2, 0, 1).float() / 255.0
+    return data.view(side, side, 3).permute(2, 0, 1).contiguous()
 
 
 def to_pixel_values(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -89,6 +104,8 @@ class ToyTokenizer:
 class ToyPrompts:
     """Prompt layout of the tiny model: `<bos> <image>*n question` and `<bos> caption <boi>`."""
 
+    background_color = BACKGROUND
+
     def __init__(self, tokenizer: ToyTokenizer, *, image_size: int, num_image_tokens: int):
         self.tok, self.image_size, self.n_img = tokenizer, image_size, num_image_tokens
 
@@ -113,6 +130,7 @@ class JanusPrompts:
 
         self.processor = JanusProcessor.from_pretrained(path, local_files_only=True)
         self.image_size = self.processor.image_processor.size["height"]
+        self.background_color = tuple(self.processor.image_processor.background_color)
 
     def _chat(self, text: str, with_image: bool) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
