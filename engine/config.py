@@ -305,8 +305,11 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, then `validate`. Raises ConfigError."""
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, then `validate`. Raises ConfigError.
+
+    check=False checks keys and types only, not values or files (`pairuni plan` reads a run's config
+    before its model and data are downloaded)."""
     cfg = Config()
     if path is not None:
         if not os.path.isfile(path):
@@ -319,7 +322,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         _apply(cfg, data)
     for text in overrides:
         _apply(cfg, parse_override(text))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

@@ -1,6 +1,7 @@
 """`pairuni plan`: per-GPU memory estimate of a PairGRPO run before renting the GPUs.
 
     pairuni plan --model janus-pro-7b --gpus 1 --group-size 4 --pairs-per-gpu 1
+    pairuni plan --config configs/janus_pro_1b.yaml [--gpus N] [--model NAME]   # the run's own sizes
 
 Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over the GPUs):
   weights      every parameter in `param_dtype` (frozen vision encoder and VQ included)
@@ -23,8 +24,11 @@ Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over th
   rollout_gather  with FSDP, rollouts gather every parameter once and keep them gathered for
                the whole decode loop (no collective per token; engine/distributed.py `unsharded`):
                the parameters this GPU does not own, in `param_dtype`
-  kv_cache     image rollouts: K and V of every layer for the 2 x G [cond; uncond] rows of
-               each pair on this GPU, over prompt + 576 positions (text rollouts are smaller)
+  kv_cache     image rollouts: K and V of every layer for the 2 x rows [cond; uncond] rows decoded
+               at once (G per pair on this GPU, at most `rollout.max_batch`), over prompt + 576
+               positions (text rollouts are smaller)
+  reward_models  reward models resident beside the policy (CLIP ViT-L/14 ~428 M, HPSv2's
+               ViT-H/14 ~986 M parameters, loaded in fp32)
 Checked against the measured peak of the engine's update step on a scaled-down model on CPU
 (tests/engine/test_plan_measured.py, within 20%). The peak is the larger of the rollout phase
 (weights + optimizer + master + rollout gather + KV cache) and the update phase
@@ -35,7 +39,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .janus_shapes import IMAGE_CODEBOOK, IMAGE_TOKENS, MODEL_NAMES, janus_pro_config, parameter_counts
 
@@ -43,6 +50,10 @@ GiB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FROZEN_BY_DEFAULT = ("vision_model", "vqmodel")
 OPTIMIZERS = ("adamw8bit", "adamw")
+# Parameters of the reward models a run keeps resident (approximate sizes of the public checkpoints).
+REWARD_MODEL_PARAMS = {"clip": 428_000_000, "hpsv2": 986_000_000}
+# language-model hidden size -> preset, to recognise a downloaded Janus-Pro folder
+PRESET_BY_HIDDEN = {2048: "janus-pro-1b", 4096: "janus-pro-7b"}
 
 
 @dataclass
@@ -70,6 +81,10 @@ class PlanConfig:
     param_dtype: str = "bfloat16"
     loss_chunk_rows: int = 1024
     """Rows of the fused linear loss computed at once."""
+    rollout_batch: int = 0
+    """Rollout rows decoded at once (`rollout.max_batch`; 0: all G x pairs_per_gpu rows)."""
+    reward_params: int = 0
+    """Parameters of resident reward models (fp32)."""
 
     def validate(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -81,6 +96,44 @@ class PlanConfig:
         for name in ("gpus", "group_size", "pairs_per_gpu", "micro_batch", "loss_chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("rollout_batch", "reward_params"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+
+
+def preset_of(model_path: str | Path) -> str:
+    """The preset (janus-pro-1b | -7b) whose shapes a local Janus folder has, read off its config.json."""
+    config = Path(model_path) / "config.json"
+    try:
+        hidden = json.loads(config.read_text())["text_config"]["hidden_size"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"model.path: cannot read the language model's hidden size from {config} ({err}); "
+                         f"pass --model {'|'.join(MODEL_NAMES)}") from None
+    if hidden not in PRESET_BY_HIDDEN:
+        raise ValueError(f"model.path: hidden size {hidden} in {config} is not a Janus-Pro preset "
+                         f"({PRESET_BY_HIDDEN}); pass --model")
+    return PRESET_BY_HIDDEN[hidden]
+
+
+def plan_of_run(run, *, gpus: int = 1, model: str | None = None) -> PlanConfig:
+    """The PlanConfig of an `engine.config.Config`: its group size, pairs per step over `gpus`, answer
+    length, micro-batch, rollout chunking, dtypes, optimizer, checkpointing and reward models.
+
+    model: the preset; by default read off `run.model.path` (which must then exist)."""
+    if model is None:
+        if run.model.path is None:
+            raise ValueError("model.path: null is the tiny demo model, not a Janus-Pro preset; pass --model")
+        model = preset_of(run.model.path)
+    dtype = run.model.dtype if gpus == 1 else (run.distributed.param_dtype or run.model.dtype)
+    return PlanConfig(
+        model=model, gpus=gpus, group_size=run.rollout.group_size,
+        pairs_per_gpu=math.ceil(run.data.pairs_per_step / gpus), answer_tokens=run.rollout.max_new_tokens,
+        micro_batch=run.optim.micro_batch_size, gradient_checkpointing=run.model.gradient_checkpointing,
+        optimizer=run.optim.optimizer, param_dtype=dtype,
+        # under FSDP, fp32 shards computed in a lower dtype are the master weights
+        master_weights=run.optim.master_weights or (gpus > 1 and run.model.dtype == "float32" and dtype != "float32"),
+        rollout_batch=run.rollout.max_batch,
+        reward_params=sum(REWARD_MODEL_PARAMS.get(name, 0) for name in (run.reward.understanding, run.reward.generation)))
 
 
 def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dict | None = None) -> dict[str, float]:
@@ -120,11 +173,13 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     layer_params = counts.get("language_model", 0) / max(n_layers, 1)
     terms["fsdp_gather"] = 2 * layer_params * pb if cfg.gpus > 1 else 0.0
     terms["loss"] = 2 * min(cfg.loss_chunk_rows, cfg.micro_batch * seq) * max(text["vocab"], text["codebook"]) * 4
-    rows = 2 * cfg.group_size * cfg.pairs_per_gpu
+    rows = cfg.group_size * cfg.pairs_per_gpu
+    rows = 2 * (min(cfg.rollout_batch, rows) if cfg.rollout_batch else rows)
     terms["kv_cache"] = 2 * n_layers * rows * (cfg.prompt_tokens + text["image_tokens"]) * kv_dim * pb
     terms["rollout_gather"] = total * pb * (1 - 1 / shard)
+    terms["reward_models"] = cfg.reward_params * 4.0
 
-    persistent = terms["weights"] + terms["optimizer"] + terms["master"]
+    persistent = terms["weights"] + terms["optimizer"] + terms["master"] + terms["reward_models"]
     terms["rollout_peak"] = persistent + terms["rollout_gather"] + terms["kv_cache"]
     terms["update_peak"] = persistent + terms["grads"] + terms["activations"] + terms["fsdp_gather"] + terms["loss"]
     terms["peak"] = max(terms["rollout_peak"], terms["update_peak"])
@@ -140,7 +195,7 @@ def format_table(cfg: PlanConfig, terms: dict[str, float]) -> str:
              f"parameters {terms['parameters'] / 1e9:.3f} B (trainable {terms['trainable_parameters'] / 1e9:.3f} B)",
              "| term | GiB per GPU |", "|---|---|"]
     for key in ("weights", "grads", "optimizer", "master", "activations", "fsdp_gather", "loss", "rollout_gather", "kv_cache",
-                "rollout_peak", "update_peak", "peak"):
+                "reward_models", "rollout_peak", "update_peak", "peak"):
         lines.append(f"| {key} | {terms[key] / GiB:.2f} |")
     return "\n".join(lines)
 
@@ -149,17 +204,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="estimate per-GPU memory of a PairGRPO run",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = PlanConfig()
-    p.add_argument("--model", default=defaults.model, choices=MODEL_NAMES)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a run's YAML config: its sizes are used (the flags below override them)")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES,
+                   help=f"preset (default {defaults.model}; with --config: read off model.path's config.json)")
     p.add_argument("--gpus", type=int, default=defaults.gpus)
-    p.add_argument("--group-size", type=int, default=defaults.group_size)
-    p.add_argument("--pairs-per-gpu", type=int, default=defaults.pairs_per_gpu)
-    p.add_argument("--prompt-tokens", type=int, default=defaults.prompt_tokens)
-    p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens)
-    p.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--pairs-per-gpu", type=int, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--answer-tokens", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--no-checkpointing", action="store_true")
-    p.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
     p.add_argument("--master-weights", action="store_true")
-    p.add_argument("--param-dtype", default=defaults.param_dtype, choices=tuple(DTYPE_BYTES),
+    p.add_argument("--param-dtype", default=None, choices=tuple(DTYPE_BYTES),
                    help="dtype of stored weights, grads and activations (float32: an upper bound for FSDP "
                         "with fp32 shards and bf16 compute)")
     p.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
@@ -167,13 +225,26 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    cfg = PlanConfig(model=args.model, gpus=args.gpus, group_size=args.group_size, pairs_per_gpu=args.pairs_per_gpu,
-                     prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens, micro_batch=args.micro_batch,
-                     gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                     master_weights=args.master_weights, param_dtype=args.param_dtype)
-    terms = estimate(cfg)
+    from .config import ConfigError, load_config
+
+    try:
+        if args.config is not None:
+            cfg = plan_of_run(load_config(args.config, check=False), gpus=args.gpus, model=args.model)
+        else:
+            cfg = PlanConfig(model=args.model or PlanConfig.model, gpus=args.gpus)
+        flags = {"group_size": args.group_size, "pairs_per_gpu": args.pairs_per_gpu, "prompt_tokens": args.prompt_tokens,
+                 "answer_tokens": args.answer_tokens, "micro_batch": args.micro_batch, "optimizer": args.optimizer,
+                 "param_dtype": args.param_dtype, "gradient_checkpointing": False if args.no_checkpointing else None,
+                 "master_weights": True if args.master_weights else None}
+        for f in fields(cfg):
+            if flags.get(f.name) is not None:
+                setattr(cfg, f.name, flags[f.name])
+        terms = estimate(cfg)
+    except (ConfigError, ValueError) as exc:
+        print(f"pairuni plan: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"config": asdict(cfg), "bytes": terms}, indent=2) if args.json else format_table(cfg, terms))
     return 0
 
 
-__all__ = ["PlanConfig", "estimate", "format_table", "register"]
+__all__ = ["PlanConfig", "estimate", "format_table", "plan_of_run", "preset_of", "register"]

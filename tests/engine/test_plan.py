@@ -60,3 +60,33 @@ def test_fsdp_rollouts_hold_the_gathered_model():
     # rollouts keep every parameter gathered: the 7/8 this GPU does not own, in bf16
     assert eight["rollout_gather"] == pytest.approx(one["weights"] * 7 / 8)
     assert eight["rollout_peak"] > eight["weights"] + eight["optimizer"] + eight["rollout_gather"]
+
+
+def test_plan_of_a_run_config_uses_its_sizes(tmp_path):
+    from engine.config import load_config
+
+    run = load_config("configs/janus_pro_1b.yaml", ["rollout.max_batch=4"], check=False)
+    cfg = plan.plan_of_run(run, gpus=2, model="janus-pro-1b")
+    assert (cfg.group_size, cfg.pairs_per_gpu, cfg.answer_tokens, cfg.micro_batch) == (
+        run.rollout.group_size, run.data.pairs_per_step // 2, run.rollout.max_new_tokens, run.optim.micro_batch_size)
+    assert cfg.reward_params == plan.REWARD_MODEL_PARAMS["clip"] and cfg.master_weights
+    chunked, whole = plan.estimate(cfg), plan.estimate(plan.plan_of_run(load_config(
+        "configs/janus_pro_1b.yaml", ["rollout.max_batch=0"], check=False), gpus=2, model="janus-pro-1b"))
+    # rollout.max_batch=4 decodes 4 of the 8 pairs x G=8 rows at a time (0: all 64): the KV cache shrinks 16-fold
+    assert chunked["kv_cache"] == pytest.approx(whole["kv_cache"] / 16)
+    assert chunked["reward_models"] == 4 * plan.REWARD_MODEL_PARAMS["clip"]
+    assert chunked["peak"] >= chunked["weights"] + chunked["reward_models"]
+
+
+def test_plan_reads_the_preset_off_model_path(tmp_path, capsys):
+    from engine import cli
+
+    (tmp_path / "config.json").write_text('{"text_config": {"hidden_size": 4096}}')
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  path: {tmp_path}\nrollout:\n  group_size: 4\n")
+    assert cli.main(["plan", "--config", str(config), "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["config"]["model"] == "janus-pro-7b" and out["config"]["group_size"] == 4
+    config.write_text("model:\n  path: /nonexistent/janus\n")
+    assert cli.main(["plan", "--config", str(config)]) == 2
+    assert "model.path: cannot read the language model's hidden size" in capsys.readouterr().err
