@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from engine import model as janus
-from engine.rollout import rollout_generation, rollout_understanding
+from engine import rollout as rollout_module
+from engine.rollout import distinct_rows, rollout_generation, rollout_understanding
 
 GOLDEN = Path(__file__).parent / "golden" / "rollout_eager.json"
 GROUP = 3  # rows per distinct prompt
@@ -96,6 +97,33 @@ def test_golden_cases_are_not_vacuous(golden):
 
 def test_eager_rollouts_match_the_recorded_loop(golden):
     assert_matches(run_cases(tiny_model()), golden)
+
+
+def test_distinct_rows_maps_every_row_to_an_identical_first_row():
+    ids = torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2], [3, 4]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [0, 1], [1, 1]])  # row 3: same ids, other mask
+    first, inverse = distinct_rows(ids, mask)
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    pixels = torch.randn(5, 3, dtype=torch.bfloat16)
+    assert distinct_rows(ids, mask, pixels)[0].tolist() == [0, 1, 2, 3, 4]  # images tell rows apart too
+
+
+def test_rollouts_prefill_each_distinct_prompt_once(monkeypatch):
+    rows = []
+    real = rollout_module.shared_prefill
+    monkeypatch.setattr(rollout_module, "shared_prefill",
+                        lambda model, embeds, *a: rows.append(embeds.shape[0]) or real(model, embeds, *a))
+    model = tiny_model()
+    ids, mask = prompts(3, 6, seed=0, boi=True)  # 9 rows: 3 prompts x 3, each with its own padding
+    rollout_generation(model, ids, mask, cfg_scale=5.0, temperature=1.0, seeds=torch.arange(9), decode=False)
+    ids, mask = prompts(2, 5, seed=1, boi=False)
+    rollout_understanding(model, ids, mask, None, temperature=1.0, max_new_tokens=2, seeds=torch.arange(6))
+    assert rows == [6, 2]  # 3 cond + 3 uncond of 18 CFG rows; 2 of 6 answer rows
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_the_recorded_loop(golden):
+    assert_matches(run_cases(tiny_model(), compile=True), golden)
 
 
 if __name__ == "__main__":
