@@ -16,6 +16,7 @@ nothing it started keeps running, the next one still runs, and the summary is al
   sampler, policy_loss, advantages   benchmarks/run_all.py suites
   linear       the fused linear loss at two Janus head shapes (image 7B, text 7B)
   train_7b     two PairGRPO steps of random-weight Janus-Pro-7B (benchmarks/train_one_gpu.py)
+  rollout      the engine's image rollout vs transformers' generate, Janus-Pro-1B shapes, B=16, 64 tokens
 The dry run takes the same stages with tiny shapes and no torch.compile: the quick benchmark suites,
 the two quick linear shapes, and train_one_gpu.py --smoke (the engine's tiny vision and VQ models).
 Everything is written under --work (outside $OUT); at the end it is packed into --out ($OUT) as
@@ -48,10 +49,11 @@ LINEAR_CASES = ("image 8x576 H4096", "text 8x512 H4096")
 DRY_LINEAR_CASES = ("quick image 4x128 H256", "quick text 2x128 H256")
 WHEELS = ROOT / "wheels"
 STAGES = ("environment", "build", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages", "linear",
-          "train_7b")
+          "train_7b", "rollout")
 # seconds per stage on the GPU machine; the 9-minute deadline cuts any of them shorter
 TIMEOUTS = {"environment": 30, "build": 150, "optimizer": 60, "gpu_tests": 75, "sampler": 45, "policy_loss": 60,
-            "advantages": 20, "linear": 90, "train_7b": 170}
+            "advantages": 20, "linear": 90, "train_7b": 170,
+            "rollout": 90}
 DRY_TIMEOUT = 120  # per stage in the dry run: generous, since CI machines are slow and shared
 PACK_RESERVE_S = 15  # kept back from the deadline for the summary and the packing
 HANG = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']);"
@@ -84,6 +86,7 @@ def stage_commands(dry: bool, work: Path) -> dict[str, list[str]]:
         "advantages": bench + ["--only", "advantages"],
         "linear": bench + ["--only", "linear", "--cases", *(DRY_LINEAR_CASES if dry else LINEAR_CASES)],
         "train_7b": train,
+        "rollout": bench + ["--only", "rollout"] + ([] if dry else ["--quick"]),
     }
 
 

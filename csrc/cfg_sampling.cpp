@@ -121,6 +121,18 @@ void guided_row(const scalar_t* cond, const scalar_t* uncond, float guidance, fl
                         temperature);
 }
 
+// log softmax(cond / temperature)[token], over every token (no top-k / top-p): the
+// conditional branch's log-prob, in the pass that drew the token (the row is still in cache).
+template <typename scalar_t>
+float cond_logprob(const scalar_t* cond, float temperature, int64_t n, int64_t token, float* scaled,
+                   float* scratch) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) scaled[i] = static_cast<float>(cond[i]) / temperature;
+  const float m = max_of(scaled, n);
+  const double total = sum_exp(scaled, m, kNegInf, n, scratch);
+  return static_cast<float>(static_cast<double>(scaled[token] - m) - std::log(total));
+}
+
 // Top-p threshold: the smallest z value t (among those >= tau) such that the mass of
 // strictly larger kept values is < top_p * total; ties in z are kept or dropped together.
 // Sorts only the largest candidates, growing the candidate count until the answer is inside.
@@ -155,12 +167,15 @@ template <typename scalar_t>
 void cfg_sample_cpu_impl(const at::Tensor& logits, const at::Tensor& seeds, const int64_t* steps,
                          int64_t steps_stride, int64_t step, double guidance_scale,
                          double temperature, int64_t top_k, double top_p, bool interleaved,
-                         int64_t batch, int64_t vocab, at::Tensor& tokens, at::Tensor& logprobs) {
+                         int64_t batch, int64_t vocab, at::Tensor& tokens, at::Tensor& logprobs,
+                         at::Tensor& cond_logprobs) {
   const scalar_t* base = logits.data_ptr<scalar_t>();
   const int64_t row_stride = logits.stride(0);
   const int64_t* seed_ptr = seeds.data_ptr<int64_t>();
   int64_t* token_ptr = tokens.data_ptr<int64_t>();
   float* logprob_ptr = logprobs.data_ptr<float>();
+  float* cond_ptr = cond_logprobs.numel() > 0 ? cond_logprobs.data_ptr<float>() : nullptr;
+  const float cond_temp = temperature > 0.0 ? static_cast<float>(temperature) : 1.0f;
   const float guidance = static_cast<float>(guidance_scale);
   const float temp = static_cast<float>(temperature);
   const int64_t k = effective_top_k(top_k, vocab);
@@ -177,6 +192,7 @@ void cfg_sample_cpu_impl(const at::Tensor& logits, const at::Tensor& seeds, cons
       if (!(temp > 0.0f)) {  // greedy: a point mass on the first argmax
         token_ptr[b] = first_index_of(z.data(), vocab, m);
         logprob_ptr[b] = 0.0f;
+        if (cond_ptr) cond_ptr[b] = cond_logprob(cond, cond_temp, vocab, token_ptr[b], key.data(), z.data());
         continue;
       }
       float tau = kNegInf;
@@ -196,16 +212,17 @@ void cfg_sample_cpu_impl(const at::Tensor& logits, const at::Tensor& seeds, cons
       const double total = sum_exp(z.data(), m, tau, vocab, key.data());
       token_ptr[b] = tok;
       logprob_ptr[b] = static_cast<float>(static_cast<double>(z[tok] - m) - std::log(total));
+      if (cond_ptr) cond_ptr[b] = cond_logprob(cond, cond_temp, vocab, tok, key.data(), z.data());
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu(const at::Tensor& logits_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_sample_cpu(const at::Tensor& logits_in,
                                                   const at::Tensor& seeds_in,
                                                   const c10::optional<at::Tensor>& steps_in,
                                                   int64_t step, double guidance_scale,
                                                   double temperature, int64_t top_k, double top_p,
-                                                  bool interleaved) {
+                                                  bool interleaved, bool with_cond) {
   const CfgSampleArgs args = check_cfg_sample_args(logits_in, seeds_in, steps_in, step,
                                                    guidance_scale, temperature, top_k, top_p);
   TORCH_CHECK(logits_in.device().is_cpu(), "cfg_sample (CPU kernel): logits must be on CPU");
@@ -213,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu(const at::Tensor& logits_in,
   const at::Tensor seeds = seeds_in.contiguous();
   at::Tensor steps;
   if (steps_in.has_value()) steps = steps_in->contiguous();
-  auto [tokens, logprobs] = allocate_cfg_sample_outputs(logits, args.batch);
+  auto [tokens, logprobs, cond_logprobs] = allocate_cfg_sample_outputs(logits, args.batch, with_cond);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cfg_sample_cpu",
                                   [&] {
                                     cfg_sample_cpu_impl<scalar_t>(
@@ -221,9 +238,9 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu(const at::Tensor& logits_in,
                                         steps.defined() ? steps.data_ptr<int64_t>() : nullptr,
                                         args.steps_stride, step, guidance_scale, temperature,
                                         top_k, top_p, interleaved, args.batch, args.vocab, tokens,
-                                        logprobs);
+                                        logprobs, cond_logprobs);
                                   });
-  return {tokens, logprobs};
+  return {tokens, logprobs, cond_logprobs};
 }
 
 }  // namespace
@@ -234,10 +251,12 @@ TORCH_LIBRARY(pairuni, m) {
   // Classifier-free-guidance sampling of one decode step (see docs/ARCHITECTURE.md):
   // z = (u + guidance_scale * (c - u)) / temperature, top-k, then top-p, one draw per row
   // keyed by (seeds[b], step, token). `steps` (int64, [] or [B], may live on the device)
-  // overrides `step` so a captured CUDA graph can advance it in place.
+  // overrides `step` so a captured CUDA graph can advance it in place. `with_cond`: the third
+  // output is [B] log softmax(c / T)[token] of the conditional rows (T = 1 when greedy), else [0].
   m.def(
       "cfg_sample(Tensor logits, Tensor seeds, Tensor? steps, int step, float guidance_scale, "
-      "float temperature, int top_k, float top_p, bool interleaved) -> (Tensor, Tensor)");
+      "float temperature, int top_k, float top_p, bool interleaved, bool with_cond=False) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pairuni, CPU, m) { m.impl("cfg_sample", &pairuni::cfg::cfg_sample_cpu); }

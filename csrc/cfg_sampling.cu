@@ -30,10 +30,12 @@ int multiprocessor_count(c10::DeviceIndex device) {
   return n;
 }
 
-std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits_in, const at::Tensor& seeds_in,
-                                                   const c10::optional<at::Tensor>& steps_in, int64_t step,
-                                                   double guidance_scale, double temperature, int64_t top_k,
-                                                   double top_p, bool interleaved) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits_in,
+                                                               const at::Tensor& seeds_in,
+                                                               const c10::optional<at::Tensor>& steps_in,
+                                                               int64_t step, double guidance_scale,
+                                                               double temperature, int64_t top_k, double top_p,
+                                                               bool interleaved, bool with_cond) {
   const CfgSampleArgs args = check_cfg_sample_args(logits_in, seeds_in, steps_in, step, guidance_scale,
                                                    temperature, top_k, top_p);
   TORCH_CHECK(logits_in.is_cuda(), "cfg_sample (CUDA kernel): logits must be a CUDA tensor");
@@ -42,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits_in, 
   const at::Tensor seeds = seeds_in.contiguous();
   at::Tensor steps;
   if (steps_in.has_value()) steps = steps_in->contiguous();
-  auto [tokens, logprobs] = allocate_cfg_sample_outputs(logits, args.batch);
+  auto [tokens, logprobs, cond_logprobs] = allocate_cfg_sample_outputs(logits, args.batch, with_cond);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
 
   CfgSampleParams p{};
@@ -61,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits_in, 
   p.interleaved = interleaved;
   p.tokens = tokens.data_ptr<int64_t>();
   p.logprobs = logprobs.data_ptr<float>();
+  p.cond_logprobs = with_cond ? cond_logprobs.data_ptr<float>() : nullptr;
   p.chunks = 1;
 
   at::Tensor partials, arrivals;  // live until the kernel is queued; the caching allocator keeps them stream-ordered
@@ -92,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits_in, 
       TORCH_CHECK(false, "cfg_sample: unsupported logits dtype ", logits.scalar_type());
   }
   C10_CUDA_CHECK(err);
-  return {tokens, logprobs};
+  return {tokens, logprobs, cond_logprobs};
 }
 
 }  // namespace

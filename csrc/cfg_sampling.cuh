@@ -1,7 +1,9 @@
 // Classifier-free-guidance sampling of one decode step: torch-free CUDA templates.
 //
 //   z = (u + g * (c - u)) / T, top-k, then top-p, one Gumbel-max draw per row, and the
-//   log-probability of the drawn token under the final distribution (see docs/ARCHITECTURE.md).
+//   log-probability of the drawn token under the final distribution (see docs/ARCHITECTURE.md);
+//   optionally the conditional branch's log softmax(c / T)[token] (T = 1 when greedy), whose
+//   online max / sum ride along in the same pass over the row.
 //
 // One kernel per call, no host synchronisation, no allocation: capturable in a CUDA graph.
 // Two kernels, chosen on the host from the arguments only:
@@ -46,6 +48,7 @@ struct CfgSampleParams {
   bool interleaved;         // rows [c0, u0, c1, u1, ...] instead of [c0..c_{B-1}, u0..u_{B-1}]
   int64_t* tokens;          // [B] out
   float* logprobs;          // [B] out
+  float* cond_logprobs;     // [B] out, or nullptr: no conditional log-prob
   void* partials;           // split kernel with chunks > 1: CfgSamplePartialBytes(B, chunks) bytes
   unsigned int* arrivals;   // split kernel with chunks > 1: [B] zeros before the launch (reset by the kernel)
   int chunks;               // split kernel: blocks per row (from CfgSampleChunks)
@@ -56,8 +59,11 @@ struct CfgSampleParams {
 struct CfgPartial {
   float max;
   float sum;
+  float cond_max;  // online softmax of the conditional row c / T (when cond_logprobs is wanted)
+  float cond_sum;
   float best_key;
   float best_z;
+  float best_cond;  // c / T at best_index
   int64_t best_index;
 };
 
@@ -99,38 +105,50 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { retu
 __device__ __forceinline__ void partial_init(CfgPartial& s) {
   s.max = -kInf;
   s.sum = 0.0f;
+  s.cond_max = -kInf;
+  s.cond_sum = 0.0f;
   s.best_key = -kInf;
   s.best_z = -kInf;
+  s.best_cond = -kInf;
   s.best_index = INT64_MAX;
 }
 
-__device__ __forceinline__ void partial_add(CfgPartial& s, float z, float key, int64_t index, bool with_sum) {
-  if (with_sum) {
-    if (z > s.max) {
-      s.sum = (s.max == -kInf ? 0.0f : s.sum * __expf(s.max - z)) + 1.0f;
-      s.max = z;
-    } else {
-      s.sum += __expf(z - s.max);
-    }
+__device__ __forceinline__ void online_add(float& max, float& sum, float x) {
+  if (x > max) {
+    sum = (max == -kInf ? 0.0f : sum * __expf(max - x)) + 1.0f;
+    max = x;
+  } else {
+    sum += __expf(x - max);
   }
+}
+
+__device__ __forceinline__ void online_merge(float& max, float& sum, float other_max, float other_sum) {
+  const float m = max > other_max ? max : other_max;
+  if (m == -kInf) return;
+  const float sa = max == -kInf ? 0.0f : sum * __expf(max - m);
+  const float sb = other_max == -kInf ? 0.0f : other_sum * __expf(other_max - m);
+  sum = sa + sb;
+  max = m;
+}
+
+__device__ __forceinline__ void partial_add(CfgPartial& s, float z, float key, float cond, int64_t index,
+                                            bool with_sum) {
+  if (with_sum) online_add(s.max, s.sum, z);
   if (key > s.best_key || (key == s.best_key && index < s.best_index)) {
     s.best_key = key;
     s.best_z = z;
+    s.best_cond = cond;
     s.best_index = index;
   }
 }
 
 __device__ __forceinline__ void partial_merge(CfgPartial& a, const CfgPartial& b) {
-  const float m = a.max > b.max ? a.max : b.max;
-  if (m != -kInf) {
-    const float sa = a.max == -kInf ? 0.0f : a.sum * __expf(a.max - m);
-    const float sb = b.max == -kInf ? 0.0f : b.sum * __expf(b.max - m);
-    a.sum = sa + sb;
-    a.max = m;
-  }
+  online_merge(a.max, a.sum, b.max, b.sum);
+  online_merge(a.cond_max, a.cond_sum, b.cond_max, b.cond_sum);
   if (b.best_key > a.best_key || (b.best_key == a.best_key && b.best_index < a.best_index)) {
     a.best_key = b.best_key;
     a.best_z = b.best_z;
+    a.best_cond = b.best_cond;
     a.best_index = b.best_index;
   }
 }
@@ -139,6 +157,9 @@ __device__ __forceinline__ CfgPartial partial_shfl_xor(const CfgPartial& s, int 
   CfgPartial o;
   o.max = __shfl_xor_sync(0xFFFFFFFFu, s.max, lane_mask);
   o.sum = __shfl_xor_sync(0xFFFFFFFFu, s.sum, lane_mask);
+  o.cond_max = __shfl_xor_sync(0xFFFFFFFFu, s.cond_max, lane_mask);
+  o.cond_sum = __shfl_xor_sync(0xFFFFFFFFu, s.cond_sum, lane_mask);
+  o.best_cond = __shfl_xor_sync(0xFFFFFFFFu, s.best_cond, lane_mask);
   o.best_key = __shfl_xor_sync(0xFFFFFFFFu, s.best_key, lane_mask);
   o.best_z = __shfl_xor_sync(0xFFFFFFFFu, s.best_z, lane_mask);
   o.best_index = __shfl_xor_sync(0xFFFFFFFFu, static_cast<long long>(s.best_index), lane_mask);
@@ -198,9 +219,12 @@ __device__ __forceinline__ RowView row_view(const CfgSampleParams& p, int64_t b)
   return r;
 }
 
+// z: guided, tempered logits of the group's tokens (-inf past V); c: the conditional logits
+// over the scoring temperature (T, or 1 when greedy), computed only when `with_cond`.
 template <typename T>
 __device__ __forceinline__ void load_group(const CfgSampleParams& p, const RowView& r, int64_t group,
-                                           float (&z)[kTokensPerThread], int& count) {
+                                           float (&z)[kTokensPerThread], float (&c)[kTokensPerThread],
+                                           int& count, bool with_cond) {
   const T* logits = static_cast<const T*>(p.logits);
   const T* cond = logits + r.cond_row * p.row_stride;
   const T* uncond = logits + r.uncond_row * p.row_stride;
@@ -209,15 +233,23 @@ __device__ __forceinline__ void load_group(const CfgSampleParams& p, const RowVi
   count = left < kTokensPerThread ? static_cast<int>(left) : kTokensPerThread;
 #pragma unroll
   for (int j = 0; j < kTokensPerThread; ++j) {
-    z[j] = j < count ? guided_logit(to_float(__ldg(cond + first + j)), to_float(__ldg(uncond + first + j)),
-                                    p.guidance, p.temperature)
-                     : -kInf;
+    const float cj = j < count ? to_float(__ldg(cond + first + j)) : 0.0f;
+    z[j] = j < count ? guided_logit(cj, to_float(__ldg(uncond + first + j)), p.guidance, p.temperature) : -kInf;
+    c[j] = with_cond && j < count ? PAIRUNI_FDIV(cj, p.temperature > 0.0f ? p.temperature : 1.0f) : -kInf;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_group(const CfgSampleParams& p, const RowView& r, int64_t group,
+                                           float (&z)[kTokensPerThread], int& count) {
+  float c[kTokensPerThread];
+  load_group<T>(p, r, group, z, c, count, false);
 }
 
 __device__ __forceinline__ void write_result(const CfgSampleParams& p, int64_t b, const CfgPartial& s) {
   p.tokens[b] = s.best_index;
   p.logprobs[b] = p.temperature > 0.0f ? (s.best_z - s.max) - __logf(s.sum) : 0.0f;
+  if (p.cond_logprobs != nullptr) p.cond_logprobs[b] = (s.best_cond - s.cond_max) - __logf(s.cond_sum);
 }
 
 }  // namespace detail
@@ -230,6 +262,7 @@ __global__ void __launch_bounds__(kSplitThreads) CfgSampleSplitKernel(const CfgS
   const int chunk = blockIdx.y;
   const RowView r = row_view(p, b);
   const bool sampled = p.temperature > 0.0f;
+  const bool with_cond = p.cond_logprobs != nullptr;
   const int64_t groups = (p.vocab + kTokensPerThread - 1) / kTokensPerThread;
   const int64_t per_chunk = (groups + p.chunks - 1) / p.chunks;
   const int64_t g_begin = chunk * per_chunk;
@@ -238,16 +271,17 @@ __global__ void __launch_bounds__(kSplitThreads) CfgSampleSplitKernel(const CfgS
   CfgPartial s;
   partial_init(s);
   for (int64_t g = g_begin + threadIdx.x; g < g_end; g += kSplitThreads) {
-    float z[kTokensPerThread];
+    float z[kTokensPerThread], c[kTokensPerThread];
     int count;
-    load_group<T>(p, r, g, z, count);
+    load_group<T>(p, r, g, z, c, count, with_cond);
     Philox4 words;
     if (sampled) words = token_bits4(r.seed, r.step, static_cast<uint64_t>(g));
 #pragma unroll
     for (int j = 0; j < kTokensPerThread; ++j) {
       if (j < count) {
         const float key = sampled ? PAIRUNI_FADD(z[j], gumbel_from_bits(words.x[j])) : z[j];
-        partial_add(s, z[j], key, g * kTokensPerThread + j, sampled);
+        partial_add(s, z[j], key, c[j], g * kTokensPerThread + j, sampled);
+        if (with_cond) online_add(s.cond_max, s.cond_sum, c[j]);
       }
     }
   }
@@ -270,6 +304,9 @@ __global__ void __launch_bounds__(kSplitThreads) CfgSampleSplitKernel(const CfgS
     CfgPartial q;
     q.max = all[c].max;
     q.sum = all[c].sum;
+    q.cond_max = all[c].cond_max;
+    q.cond_sum = all[c].cond_sum;
+    q.best_cond = all[c].best_cond;
     q.best_key = all[c].best_key;
     q.best_z = all[c].best_z;
     q.best_index = all[c].best_index;
@@ -354,18 +391,21 @@ __global__ void __launch_bounds__(kFilteredThreads) CfgSampleFilteredKernel(cons
     tau = static_cast<uint32_t>(hi);
   }
 
-  // The draw over {ordered_key(z) >= tau}.
+  // The draw over {ordered_key(z) >= tau}; the conditional softmax runs over every token.
+  const bool with_cond = p.cond_logprobs != nullptr;
   CfgPartial s;
   partial_init(s);
   for (int64_t g = threadIdx.x; g < groups; g += kFilteredThreads) {
-    float z[kTokensPerThread];
+    float z[kTokensPerThread], c[kTokensPerThread];
     int count;
-    load_group<T>(p, r, g, z, count);
+    load_group<T>(p, r, g, z, c, count, with_cond);
     const Philox4 words = token_bits4(r.seed, r.step, static_cast<uint64_t>(g));
 #pragma unroll
     for (int j = 0; j < kTokensPerThread; ++j) {
       if (j < count && ordered_key(z[j]) >= tau)
-        partial_add(s, z[j], PAIRUNI_FADD(z[j], gumbel_from_bits(words.x[j])), g * kTokensPerThread + j, true);
+        partial_add(s, z[j], PAIRUNI_FADD(z[j], gumbel_from_bits(words.x[j])), c[j], g * kTokensPerThread + j,
+                    true);
+      if (with_cond && j < count) online_add(s.cond_max, s.cond_sum, c[j]);
     }
   }
   s = block_merge<kFilteredThreads>(s);

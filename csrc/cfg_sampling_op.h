@@ -55,10 +55,13 @@ inline CfgSampleArgs check_cfg_sample_args(const at::Tensor& logits, const at::T
   return {batch, logits.size(1), steps_stride};
 }
 
-inline std::tuple<at::Tensor, at::Tensor> allocate_cfg_sample_outputs(const at::Tensor& logits,
-                                                                      int64_t batch) {
+// tokens [B] int64, logprobs [B] float32, cond_logprobs [B] float32 ([0] without `with_cond`).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_cfg_sample_outputs(const at::Tensor& logits,
+                                                                                  int64_t batch,
+                                                                                  bool with_cond) {
   return {at::empty({batch}, logits.options().dtype(at::kLong)),
-          at::empty({batch}, logits.options().dtype(at::kFloat))};
+          at::empty({batch}, logits.options().dtype(at::kFloat)),
+          at::empty({with_cond ? batch : 0}, logits.options().dtype(at::kFloat))};
 }
 
 // top_k >= V keeps everything: the same as no top-k.

@@ -94,6 +94,8 @@ class RolloutConfig:
     """Decode image tokens to pixels with the VQ decoder (needed by pixel-based rewards)."""
     max_batch: int = 0
     """Most rollouts (rows) sampled at once per task; bounds KV-cache memory (0: all P * G at once)."""
+    compile: bool = False
+    """torch.compile the rollouts' decode step (CUDA: captured once as a CUDA graph and replayed); same tokens."""
 
 
 @dataclass

@@ -96,6 +96,74 @@ def _static_cache(model, max_len: int) -> StaticCache:
     return StaticCache(config=model.config.text_config, max_cache_len=max_len)
 
 
+# Text answers: `done.all()` is read on the host once per this many tokens, not every token.
+# Tokens past the point where every row has ended are dropped, so the result does not depend on it.
+STOP_CHECK_EVERY = 8
+
+
+def distinct_rows(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first [U], inverse [B]) long: the first row of each distinct row of `tensors` taken together
+    (equal bytes in every tensor), in order of appearance, and for each row the index of its
+    distinct row, so that `first[inverse]` maps every row to an identical one. Reads the rows on the host."""
+    rows = [t.reshape(t.shape[0], -1).contiguous().view(torch.uint8).cpu() for t in tensors if t is not None]
+    seen: dict[tuple, int] = {}
+    first, inverse = [], []
+    for r in range(rows[0].shape[0]):
+        key = tuple(t[r].numpy().tobytes() for t in rows)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(r)
+        inverse.append(seen[key])
+    device = tensors[0].device
+    return torch.tensor(first, device=device), torch.tensor(inverse, device=device)
+
+
+def shared_prefill(model, embeds: torch.Tensor, prompt_mask: torch.Tensor, inverse: torch.Tensor, max_len: int):
+    """Prefill the U distinct prompts once and copy each one's KV cache to its rows.
+
+    embeds: [U, Lp, H] and prompt_mask: [U, Lp] of the distinct rows; inverse: [B] row -> distinct row.
+    Returns (cache with B rows, last hidden state [B, H], next position [B]).
+    """
+    cache = _static_cache(model, max_len)
+    pos = janus.positions_from_mask(prompt_mask)
+    h = janus.policy_hidden(model, embeds, prompt_mask, pos, cache)[:, -1]
+    if inverse.numel() != embeds.shape[0]:
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, inverse)
+            layer.values = layer.values.index_select(0, inverse)
+            layer.batch_size = inverse.numel()
+            torch._dynamo.mark_static_address(layer.keys)  # a compiled decode step sees fixed buffers
+            torch._dynamo.mark_static_address(layer.values)
+    return cache, h[inverse], pos[inverse, -1] + 1
+
+
+def _text_decode(model, tokens: torch.Tensor, full_mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """One text step: [B] tokens at positions [B] -> [B, V] logits. Static shapes: the mask is always
+    the full-length one (the cache masks positions not yet written), so it can be compiled once."""
+    weight, bias = janus.text_head(model)
+    e = model.get_input_embeddings()(tokens[:, None])
+    return F.linear(janus.policy_hidden(model, e, full_mask, pos[:, None], cache)[:, -1], weight, bias)
+
+
+def _image_decode(model, tokens: torch.Tensor, full_mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """One CFG image step: [B] tokens fed to both branches at positions [2B] -> [2B, V_img] logits."""
+    e = janus.image_token_embeddings(model, torch.cat([tokens, tokens])[:, None])
+    return model.model.generation_head(janus.policy_hidden(model, e, full_mask, pos[:, None], cache)[:, -1]).float()
+
+
+_COMPILED: dict = {}
+
+
+def decode_step(fn, device: torch.device, compile: bool):
+    """`fn` itself, or compiled once per process: CUDA graphs on CUDA (reduce-overhead), inductor on CPU."""
+    if not compile:
+        return fn
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if (fn, mode) not in _COMPILED:
+        _COMPILED[fn, mode] = torch.compile(fn, mode=mode, dynamic=False)
+    return _COMPILED[fn, mode]
+
+
 def sample_text_tokens(logits: torch.Tensor, *, temperature: float, seeds: torch.Tensor, step: int):
     """[B, V] logits -> (tokens [B], logp [B]) drawn from softmax(logits / temperature) by `cfg_sample`."""
     from pairuni_kernels import cfg_sample
@@ -111,39 +179,38 @@ def sample_text_tokens(logits: torch.Tensor, *, temperature: float, seeds: torch
 @torch.no_grad()
 def rollout_understanding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                           pixel_values: torch.Tensor | None, *, max_new_tokens: int, temperature: float,
-                          seeds: torch.Tensor, decode_text=None) -> UnderstandingRollout:
+                          seeds: torch.Tensor, decode_text=None, compile: bool = False) -> UnderstandingRollout:
     """Sample one answer per row (rows already repeated G times), with per-token old log-probs.
 
-    Stops early once every row has produced EOS; `response_ids` then has fewer than
-    `max_new_tokens` columns.
+    Stops early once every row has produced EOS (checked every `STOP_CHECK_EVERY` tokens);
+    `response_ids` then has fewer than `max_new_tokens` columns. `compile`: the decode step
+    through `torch.compile` (see `decode_step`).
     """
     ids = janus.special_ids(model)
     b, lp = prompt_ids.shape
     device = prompt_ids.device
-    embeds = janus.text_embeddings(model, prompt_ids, pixel_values)
-    cache = _static_cache(model, lp + max_new_tokens)
+    first, inverse = distinct_rows(prompt_ids, prompt_mask, pixel_values)
+    embeds = janus.text_embeddings(model, prompt_ids[first], None if pixel_values is None else pixel_values[first])
+    cache, h, next_pos = shared_prefill(model, embeds, prompt_mask[first], inverse, lp + max_new_tokens)
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], 1)
-    pos = janus.positions_from_mask(prompt_mask)
-    h = janus.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
-    next_pos = pos[:, -1] + 1
     weight, bias = janus.text_head(model)
+    step_fn = decode_step(_text_decode, device, compile)
+    seeds = seeds.to(device)
     tokens = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
     logps = torch.empty(b, max_new_tokens, dtype=torch.float32, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
-    length = max_new_tokens
+    logits = F.linear(h, weight, bias)
     for t in range(max_new_tokens):
-        logits = F.linear(h, weight, bias)
-        tok, lpr = sample_text_tokens(logits, temperature=temperature, seeds=seeds.to(device), step=t)
+        tok, lpr = sample_text_tokens(logits, temperature=temperature, seeds=seeds, step=t)
         tokens[:, t], logps[:, t] = tok, lpr
         mask[:, t] = ~done
         done = done | (tok == ids["eos"])
-        if t == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: answers are short
-            length = t + 1
+        if t == max_new_tokens - 1 or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
             break
-        e = model.get_input_embeddings()(tok[:, None])
-        h = janus.policy_hidden(model, e, full_mask[:, : lp + t + 1], next_pos[:, None], cache)[:, -1]
+        logits = step_fn(model, tok, full_mask, next_pos, cache)
         next_pos = next_pos + 1
+    length = int(mask.any(0).sum())  # columns up to the step where the last row ended
     tokens, logps, mask = tokens[:, :length], logps[:, :length], mask[:, :length]
     texts = [""] * b
     if decode_text is not None:
@@ -155,8 +222,13 @@ def rollout_understanding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
 @torch.no_grad()
 def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, cfg_scale: float,
                        temperature: float, seeds: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
-                       image_logprob: str = "cond", decode: bool = True) -> GenerationRollout:
-    """CFG image rollouts: K image tokens per row (rows already repeated G times)."""
+                       image_logprob: str = "cond", decode: bool = True, compile: bool = False) -> GenerationRollout:
+    """CFG image rollouts: K image tokens per row (rows already repeated G times).
+
+    Each distinct prompt (conditional or unconditional: the unconditional prompts of equally padded
+    prompts are all the same) is prefilled once. The image loop never reads a device value on the
+    host, so on CUDA with `compile` its decode step replays a captured graph.
+    """
     from pairuni_kernels import cfg_sample
 
     if image_logprob not in IMAGE_LOGPROBS:
@@ -168,31 +240,28 @@ def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     uncond = uncond_prompt(prompt_ids, bos=ids["bos"], boi=ids["boi"], pad=ids["pad"])
     both_ids = torch.cat([prompt_ids, uncond])
     both_mask = torch.cat([prompt_mask, prompt_mask])
-    embeds = model.get_input_embeddings()(both_ids)
-    cache = _static_cache(model, lp + k_img)
+    first, inverse = distinct_rows(both_ids, both_mask)
+    embeds = model.get_input_embeddings()(both_ids[first])
+    cache, h, next_pos = shared_prefill(model, embeds, both_mask[first], inverse, lp + k_img)
     full_mask = torch.cat([both_mask, both_mask.new_ones(2 * b, k_img)], 1)
-    pos = janus.positions_from_mask(both_mask)
-    h = janus.policy_hidden(model, embeds, full_mask[:, :lp], pos, cache)[:, -1]
-    next_pos = pos[:, -1] + 1
-    head = model.model.generation_head
+    step_fn = decode_step(_image_decode, device, compile)
     seeds = seeds.to(device)
-    t_score = scoring_temperature(temperature)
+    greedy_cfg = image_logprob == "cfg" and temperature == 0
     tokens = torch.empty(b, k_img, dtype=torch.long, device=device)
     logps = torch.empty(b, k_img, dtype=torch.float32, device=device)
+    logits = model.model.generation_head(h).float()  # [2B, V_img]
     for k in range(k_img):
-        logits = head(h).float()  # [2B, V_img]
         tok, lpr = cfg_sample(logits, guidance_scale=cfg_scale, temperature=temperature, top_k=top_k,
                               top_p=top_p, seeds=seeds, step=k, layout="blocked")
         if image_logprob == "cond":
-            lpr = torch.log_softmax(logits[:b] / t_score, -1).gather(-1, tok[:, None])[:, 0]
-        elif temperature == 0:
+            lpr = torch.log_softmax(logits[:b] / scoring_temperature(temperature), -1).gather(-1, tok[:, None])[:, 0]
+        elif greedy_cfg:  # a greedy draw's own log-prob is 0: score the guided softmax at temperature 1
             guided = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
             lpr = torch.log_softmax(guided, -1).gather(-1, tok[:, None])[:, 0]
         tokens[:, k], logps[:, k] = tok, lpr
         if k == k_img - 1:
             break
-        e = janus.image_token_embeddings(model, torch.cat([tok, tok])[:, None])
-        h = janus.policy_hidden(model, e, full_mask[:, : lp + k + 1], next_pos[:, None], cache)[:, -1]
+        logits = step_fn(model, tok, full_mask, next_pos, cache)
         next_pos = next_pos + 1
     images = janus.decode_images(model, tokens) if decode else None
     return GenerationRollout(prompt_ids, uncond, prompt_mask, tokens, logps, images, cfg_scale, temperature,

@@ -182,7 +182,8 @@ class PairGRPOTrainer:
                                                    torch.stack([self.parts.images(s) for s in samples]))
         return concat_rollouts([rollout_understanding(
             self.model, ids[c].to(dev), mask[c].to(dev), pv[c].to(dev, self.model.dtype),
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature, seeds=seeds[c], decode_text=self.prompts.decode)
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, seeds=seeds[c], decode_text=self.prompts.decode,
+            compile=r.compile)
             for c in row_chunks(len(samples), r.max_batch)])
 
     def _generation_rollouts(self, samples: list, seeds: torch.Tensor):
@@ -191,7 +192,7 @@ class PairGRPOTrainer:
         return concat_rollouts([rollout_generation(
             self.model, ids[c].to(dev), mask[c].to(dev), cfg_scale=r.cfg_scale, temperature=r.image_temperature,
             top_k=r.image_top_k, top_p=r.image_top_p, seeds=seeds[c], image_logprob=r.image_logprob,
-            decode=r.decode_images) for c in row_chunks(len(samples), r.max_batch)])
+            decode=r.decode_images, compile=r.compile) for c in row_chunks(len(samples), r.max_batch)])
 
     # ------------------------------------------------------------------ losses (public: the probe uses them)
     def tasks(self) -> list[tuple[str, float]]:

@@ -467,8 +467,9 @@ def cfg_keep_mask(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.
 
 def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seeds: torch.Tensor, step, layout: str = "blocked",
-               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `pairuni_kernels.cfg_sample`: (tokens [B] int64, logprobs [B] float32).
+               check_finite: bool = True, cond_logprobs: bool = False):
+    """Reference of `pairuni_kernels.cfg_sample`: (tokens [B] int64, logprobs [B] float32), and with
+    `cond_logprobs` a third [B] float32: `cfg_cond_logprobs` of the drawn tokens.
 
     Gumbel-max over the kept tokens with the noise of `gumbel_from_bits(cfg_random_bits(...))`,
     first index on ties; logprobs = log_softmax of the kept z at the drawn token; temperature 0
@@ -478,12 +479,25 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: floa
                                        check_finite=check_finite)
     z = cfg_guided_logits(logits, float(guidance_scale), float(temperature), layout)
     if temperature == 0:
-        return z.argmax(dim=-1), torch.zeros(batch, dtype=torch.float32, device=logits.device)
+        tokens, logprobs = z.argmax(dim=-1), torch.zeros(batch, dtype=torch.float32, device=logits.device)
+        return (tokens, logprobs) + ((cfg_cond_logprobs(logits, tokens, 0.0, layout),) if cond_logprobs else ())
     keep = cfg_keep_mask(z, top_k, top_p)
     steps = step if isinstance(step, torch.Tensor) else torch.tensor([step], dtype=torch.int64, device=logits.device)
     noise = gumbel_from_bits(cfg_random_bits(seeds, steps.reshape(-1), z.shape[-1])).to(z.dtype)
     neg_inf = torch.full_like(z, -math.inf)
     tokens = torch.where(keep, z + noise, neg_inf).argmax(dim=-1)
     kept = torch.where(keep, z, neg_inf)
-    logprobs = kept.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(kept, dim=-1)
-    return tokens, logprobs.to(torch.float32)
+    logprobs = (kept.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(kept, dim=-1)).to(torch.float32)
+    if cond_logprobs:
+        return tokens, logprobs, cfg_cond_logprobs(logits, tokens, float(temperature), layout)
+    return tokens, logprobs
+
+
+def cfg_cond_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                      layout: str = "blocked") -> torch.Tensor:
+    """[B] float32: log softmax(c / T)[tokens] of the conditional rows c, T = temperature, or 1 when
+    greedy (0), with no top-k / top-p: the log-prob the policy's conditional branch gives the drawn
+    token (the image rollouts' old log-prob, T2I-R1 / PairUni)."""
+    cond = split_cfg_logits(logits, layout)[0].to(compute_dtype(logits.dtype))
+    scaled = cond / (temperature if temperature > 0 else 1.0)
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0].to(torch.float32)

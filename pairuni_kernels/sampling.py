@@ -31,7 +31,7 @@ _HAS_OP = has_extension()  # decided once; a missing `_C` warns once and uses th
 
 def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seeds: torch.Tensor, step, layout: str = "blocked",
-               check_finite: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               check_finite: bool | None = None, cond_logprobs: bool = False):
     """Sample one token per row from classifier-free-guided logits.
 
     ``z = (u + guidance_scale * (c - u)) / temperature``, then top-k, then top-p, then one
@@ -63,6 +63,11 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: floa
         Raise ``ValueError`` for NaN / inf logits. Default: on for CPU tensors, off for CUDA
         tensors (the check would synchronise with the host every step) and under
         ``torch.compile``.
+    cond_logprobs : bool, default False
+        Also return the conditional branch's log-probability of each drawn token,
+        ``log_softmax(c / T)[token]`` with T = ``temperature`` (1 when greedy) and no
+        top-k / top-p, computed in the same pass over the row (the image rollouts' old
+        log-prob, without a second softmax over ``[B, V]``).
 
     Returns
     -------
@@ -71,6 +76,8 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: floa
     logprobs : torch.Tensor
         ``[B]`` float32 log-probability of each drawn token under the final (guided,
         tempered, truncated) distribution.
+    cond_logprobs : torch.Tensor
+        ``[B]`` float32, only with ``cond_logprobs=True``.
 
     Raises
     ------
@@ -92,19 +99,23 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: floa
                                          dtypes=reference.CFG_LOGIT_DTYPES, check_finite=check_finite)
     if not _HAS_OP or backend_name() == "reference":
         return reference.cfg_sample(logits, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seeds=seeds, step=step, layout=layout, check_finite=False)
+                                    top_p=top_p, seeds=seeds, step=step, layout=layout, check_finite=False,
+                                    cond_logprobs=cond_logprobs)
     steps = step if isinstance(step, torch.Tensor) else None
-    return torch.ops.pairuni.cfg_sample(logits, seeds, steps, 0 if steps is not None else int(step),
-                                        float(guidance_scale), float(temperature), int(top_k), float(top_p),
-                                        layout == "interleaved")
+    out = torch.ops.pairuni.cfg_sample(logits, seeds, steps, 0 if steps is not None else int(step),
+                                       float(guidance_scale), float(temperature), int(top_k), float(top_p),
+                                       layout == "interleaved", bool(cond_logprobs))
+    return out if cond_logprobs else out[:2]
 
 
 if _HAS_OP:
 
     @torch.library.register_fake("pairuni::cfg_sample")
-    def _cfg_sample_fake(logits, seeds, steps, step, guidance_scale, temperature, top_k, top_p, interleaved):
+    def _cfg_sample_fake(logits, seeds, steps, step, guidance_scale, temperature, top_k, top_p, interleaved,
+                         with_cond=False):
         torch._check(logits.dim() == 2, lambda: "cfg_sample: logits must be [2B, V]")
         torch._check(logits.shape[0] % 2 == 0, lambda: "cfg_sample: logits.size(0) must be even")
         batch = logits.shape[0] // 2
         torch._check(seeds.shape[0] == batch, lambda: "cfg_sample: seeds must be [B]")
-        return (logits.new_empty((batch,), dtype=torch.int64), logits.new_empty((batch,), dtype=torch.float32))
+        return (logits.new_empty((batch,), dtype=torch.int64), logits.new_empty((batch,), dtype=torch.float32),
+                logits.new_empty((batch if with_cond else 0,), dtype=torch.float32))

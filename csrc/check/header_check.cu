@@ -21,7 +21,7 @@ template __global__ void CfgSampleFilteredKernel<__nv_bfloat16>(const CfgSampleP
 }  // namespace pairuni
 
 // Random123 kat_vectors, philox4x32 10 (zero counter and key).
-static_assert(sizeof(pairuni::cfg::CfgPartial) == 24, "CfgPartial layout changed: update CfgSamplePartialBytes users");
+static_assert(sizeof(pairuni::cfg::CfgPartial) == 40, "CfgPartial layout changed: update CfgSamplePartialBytes users");
 
 int pairuni_header_check_kat() {
   const pairuni::cfg::Philox4 r = pairuni::cfg::philox4x32_10(0u, 0u, 0u, 0u, 0u, 0u);

@@ -18,9 +18,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.py"
-# the session order (GPU tests, sampler, policy loss, advantages, fused linear, 7B step), after the set-up stages
+# the session order (GPU tests, sampler, policy loss, advantages, fused linear, 7B step, rollout), after the set-up stages
 STAGES = ["environment", "build", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages", "linear",
-          "train_7b"]
+          "train_7b", "rollout"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_dry_run_runs_every_stage_and_packs_three_files(tmp_path):
         names = set(tar.getnames())
         results = {n.split("/")[-1]: tar.extractfile(n).read() for n in names if n.endswith(".json")}
     assert "session/site" not in names and not any(n.startswith("session/train_run") for n in names)
-    for suite in ("sampling", "policy_loss", "advantages", "linear"):
+    for suite in ("sampling", "policy_loss", "advantages", "linear", "rollout"):
         rows = json.loads(results[f"{suite}_cpu_quick.json"])["rows"]
         assert rows and all("case" in r and "impl" in r for r in rows), suite
     linear = json.loads(results["linear_cpu_quick.json"])["rows"]
@@ -93,6 +93,8 @@ def test_dry_run_runs_every_stage_and_packs_three_files(tmp_path):
     assert [r["model"] for r in train] == ["janus-pro-7b"] and train[0]["optimizer"] == "AdamW"
     assert len(train[0]["steps"]) == 2 and all(s["update_s"] > 0 for s in train[0]["steps"])
     assert train[0]["image_tokens"] == 16 and "oom" not in train[0]
+    rollout = {r["impl"]: r for r in json.loads(results["rollout_cpu_quick.json"])["rows"]}
+    assert set(rollout) == {"transformers", "engine"} and all(r["step_ms"] > 0 for r in rollout.values())
 
 
 def test_failing_and_hanging_stages_are_recorded_and_the_next_ones_run(tmp_path):

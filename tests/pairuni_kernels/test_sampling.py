@@ -116,6 +116,31 @@ def test_logprobs_match_float64_log_softmax(gen, top_k, top_p, temperature, dtyp
         torch.testing.assert_close(logprobs.double(), want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("top_k,top_p,temperature", FILTERS + [(0, 1.0, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+def test_cond_logprobs_match_float64_conditional_log_softmax(gen, backend, top_k, top_p, temperature, dtype, layout):
+    if backend == "kernel" and not has_extension():
+        pytest.skip("pairuni_kernels._C not built")
+    fn = cfg_sample if backend == "kernel" else reference.cfg_sample
+    logits = make_logits(gen, 16, 1001, dtype, scale=4.0)
+    seeds = make_seeds(gen, 16)
+    kw = {"guidance_scale": 5.0, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seeds": seeds,
+          "step": 7, "layout": layout}
+    tokens, logprobs, cond = fn(logits, cond_logprobs=True, **kw)
+    plain_tokens, plain_logprobs = fn(logits, **kw)
+    assert torch.equal(tokens, plain_tokens)  # asking for it changes nothing else
+    assert torch.equal(logprobs, plain_logprobs)
+    assert cond.dtype == torch.float32 and cond.shape == (16,)
+    c64 = logits.double()[0::2] if layout == "interleaved" else logits.double()[:16]
+    # the softmax of the conditional rows at the sampling temperature (1 when greedy), not the guided one
+    want = (c64 / (temperature or 1.0)).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(cond.double(), want, rtol=1e-5, atol=2e-5)
+    guided = guided64(logits, 5.0, temperature or 1.0, layout).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    assert (cond.double() - guided).abs().max() > 1e-2  # a kernel that returned the guided log-prob fails
+
+
 @needs_op
 @pytest.mark.parametrize("top_k,top_p,temperature", FILTERS + [(0, 1.0, 0.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -125,10 +150,11 @@ def test_kernel_draws_the_reference_tokens(gen, top_k, top_p, temperature, dtype
     seeds = make_seeds(gen, 32)
     kw = {"guidance_scale": 5.0, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seeds": seeds, "step": 2**33 + 5,
               "layout": layout}
-    tokens, logprobs = cfg_sample(logits, **kw)
-    ref_tokens, ref_logprobs = reference.cfg_sample(logits, **kw)
+    tokens, logprobs, cond = cfg_sample(logits, cond_logprobs=True, **kw)
+    ref_tokens, ref_logprobs, ref_cond = reference.cfg_sample(logits, cond_logprobs=True, **kw)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logprobs, ref_logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond, ref_cond, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (30, 0.9)])
@@ -293,14 +319,17 @@ def test_non_finite_logits_raise(bad):
 
 # ----------------------------------------------------------------------------- torch.library
 @needs_op
+@pytest.mark.parametrize("with_cond", [False, True])
 @pytest.mark.parametrize("steps,top_k,top_p,temperature", [(None, 0, 1.0, 1.0), ("tensor", 5, 0.9, 0.8),
                                                             (None, 0, 1.0, 0.0)])
-def test_opcheck(gen, steps, top_k, top_p, temperature):
+def test_opcheck(gen, steps, top_k, top_p, temperature, with_cond):
     logits = make_logits(gen, 3, 64)
     seeds = make_seeds(gen, 3)
     steps = torch.tensor([4, 5, 6], device=DEVICE) if steps else None
     torch.library.opcheck(torch.ops.pairuni.cfg_sample.default,
-                          (logits, seeds, steps, 2, 5.0, temperature, top_k, top_p, False))
+                          (logits, seeds, steps, 2, 5.0, temperature, top_k, top_p, False, with_cond))
+    cond = torch.ops.pairuni.cfg_sample(logits, seeds, steps, 2, 5.0, temperature, top_k, top_p, False, with_cond)[2]
+    assert cond.shape == ((3,) if with_cond else (0,))
 
 
 @needs_op
@@ -358,10 +387,11 @@ def test_cuda_kernel_matches_cpu_kernel(gen):
     logits = make_logits(gen, 64, 16384)
     seeds = make_seeds(gen, 64)
     for kw in ({}, {"top_k": 50}, {"temperature": 0.0}):
-        gpu = cfg_sample(logits, guidance_scale=5.0, seeds=seeds, step=17, **kw)
-        cpu = cfg_sample(logits.cpu(), guidance_scale=5.0, seeds=seeds.cpu(), step=17, **kw)
+        gpu = cfg_sample(logits, guidance_scale=5.0, seeds=seeds, step=17, cond_logprobs=True, **kw)
+        cpu = cfg_sample(logits.cpu(), guidance_scale=5.0, seeds=seeds.cpu(), step=17, cond_logprobs=True, **kw)
         assert torch.equal(gpu[0].cpu(), cpu[0])
         torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- fallback
