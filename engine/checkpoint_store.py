@@ -130,7 +130,8 @@ def verify(folder: Path, *, deep: bool = True) -> None:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder}: no such folder")
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (the save did not finish)")
+        legacy = " or it predates sealed checkpoints" if (folder / "state.json").is_file() else ""
+        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (the save did not finish{legacy})")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
