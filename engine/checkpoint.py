@@ -312,9 +312,6 @@ class Checkpointer:
         self.run_dir, self.model, self.optimizer, self.fsdp_root, self.keep = Path(run_dir), model, optimizer, fsdp_root, keep
         self.store = CheckpointStore(run_dir)
 
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.run_dir)
-
     def resumed_from(self, point: ResumePoint) -> None:
         """Note where the run resumed: after a fall-back nothing is pruned (the skipped folders are evidence)."""
         if point.fell_back:
