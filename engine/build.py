@@ -124,7 +124,7 @@ def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
         dc = cfg.distributed
         fsdp = distributed.shard_model(model, env, param_dtype=dc.param_dtype, reduce_dtype=dc.reduce_dtype,
                                        reshard_after_forward=dc.reshard_after_forward)
-    optimizer = PolicyOptimizer(model, cfg.optim, device)
+    optimizer = PolicyOptimizer(model, cfg.optim, device, seed=cfg.train.seed)
     answer = functools.partial(answer_questions, model, prompts, max_new_tokens=cfg.rollout.max_new_tokens)
     task_rewards = {}
     for task in TASKS:

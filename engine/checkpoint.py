@@ -9,6 +9,7 @@ A checkpoint is a directory `run_dir/checkpoints/step_000123/`. A single process
     policy.safetensors     the trainable parameters (frozen ones come from the base model)
     optimizer.safetensors  every tensor of the optimizer state (8-bit states, quantisation maps, ...)
     master.safetensors     fp32 master weights, when the run keeps them (optim.master_weights)
+    update.safetensors     a compensated update's state (optim.update: Kahan buffers or the rounding RNG)
     state.json             step, the optimizer's non-tensor state, RNG states, data cursor, extras
 
 a torchrun run writes `torch.distributed.checkpoint` (DCP) files instead of the safetensors
@@ -158,10 +159,12 @@ def require_finite(tensors: dict[str, torch.Tensor], what: str, step: int) -> No
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, extra: dict, *, keep: int = 2,
-                    master: dict[str, torch.Tensor] | None = None, store: CheckpointStore | None = None) -> Path:
+                    master: dict[str, torch.Tensor] | None = None, update: dict[str, torch.Tensor] | None = None,
+                    store: CheckpointStore | None = None) -> Path:
     """Write single-process checkpoint `step` atomically; keep the newest `keep` checkpoints. Returns its path.
 
     master: {parameter name: fp32 master weight} to store beside the model's (lower-precision) weights.
+    update: `PolicyOptimizer.update_state()` (written to update.safetensors when not empty).
     """
     opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
     rng_js, rng_tensors = rng_state()
@@ -169,12 +172,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, ext
     masters = {n: t.detach().contiguous().cpu() for n, t in master.items()} if master is not None else None
     require_finite(params, "parameter", step)
     require_finite(masters or {}, "master weight", step)
+    updates = {n: t.detach().contiguous().cpu() for n, t in (update or {}).items()}
+    require_finite(updates, "update state", step)
     require_finite(opt_tensors, "optimizer state", step)
 
     def write(tmp: Path) -> None:
         save_file(params, str(tmp / "policy.safetensors"))
         if masters is not None:
             save_file(masters, str(tmp / "master.safetensors"))
+        if updates:
+            save_file(updates, str(tmp / "update.safetensors"))
         save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
 
     return _write_checkpoint(run_dir, step, write, {"optimizer": opt_plain, "rng": rng_js, **extra}, keep=keep,
@@ -212,11 +219,14 @@ def is_sharded(path: str | os.PathLike) -> bool:
     return (Path(path) / DCP_METADATA).is_file()
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[str, torch.Tensor] | None = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[str, torch.Tensor] | None = None,
+                    load_update=None) -> dict:
     """Restore parameters, optimizer and RNG states from `path`; returns state.json's content.
 
     master: the run's fp32 master weights by name, filled from master.safetensors (or, for a checkpoint
     written without them, from the stored weights).
+    load_update: called with update.safetensors' tensors ({} when the checkpoint has none), e.g.
+    `PolicyOptimizer.load_update_state`.
     """
     path = Path(path)
     state = read_state(path)
@@ -239,6 +249,9 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[s
     opt_tensors = {k: v for k, v in tensors.items() if k.startswith("state/")}
     optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
     set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
+    if load_update is not None:
+        update_file = path / "update.safetensors"
+        load_update(load_file(str(update_file)) if update_file.is_file() else {})
     return state
 
 
@@ -322,13 +335,15 @@ class Checkpointer:
             return save_sharded(self.run_dir, step, self.fsdp_root, self.optimizer.inner, extra, keep=self.keep,
                                 store=self.store)
         return save_checkpoint(self.run_dir, step, self.model, self.optimizer.inner, extra, keep=self.keep,
-                               master=self.optimizer.master_state(), store=self.store)
+                               master=self.optimizer.master_state(), update=self.optimizer.update_state(),
+                               store=self.store)
 
     def load(self, path: str | os.PathLike) -> dict:
         try:
             if self.fsdp_root is not None:
                 return load_sharded(path, self.fsdp_root, self.optimizer.inner)
-            return load_checkpoint(path, self.model, self.optimizer.inner, master=self.optimizer.master_state())
+            return load_checkpoint(path, self.model, self.optimizer.inner, master=self.optimizer.master_state(),
+                                   load_update=self.optimizer.load_update_state)
         except CheckpointError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # a verified file that still does not load

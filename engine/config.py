@@ -27,7 +27,7 @@ from .checkpoint_store import CheckpointError
 from .data import default_pairs_path
 from .data.sampler import read_training_pairs
 from .model import ATTN_IMPLEMENTATIONS, DEFAULT_TRAIN_MODULES, DTYPES, TRAINABLE_MODULE_NAMES
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, UPDATES
 from .policy import IMAGE_LOGPROBS
 from .preflight import PreflightError, check_device, check_model_dir, check_run_dir, history_of
 
@@ -153,6 +153,12 @@ class OptimConfig:
     (single process). With bf16 weights and lr 1e-6 most AdamW steps are below half a bf16 ulp and are
     lost; the master copy keeps them. +4 bytes per trainable parameter (26 GiB for 7B). Under torchrun
     use model.dtype=float32 with distributed.param_dtype=bfloat16 instead (fp32 shards are the masters)."""
+    update: str = "round"
+    """How a step lands in bf16 weights without master weights: round (to nearest: lr 1e-6 steps mostly
+    vanish) | kahan (a bf16 compensation buffer keeps each rounding error and adds it to the next step;
+    +2 bytes per trainable parameter) | stochastic_rounding (rounds up or down so the expected bf16
+    weight is the fp32 one; no extra memory). kahan / stochastic_rounding need model.dtype=bfloat16,
+    master_weights=false and a single process; see engine/optim.py."""
 
 
 @dataclass
@@ -388,6 +394,11 @@ def validate(cfg: Config) -> None:
            "algo.understanding_weight/generation_weight", "weights >= 0, not both 0",
            (a.understanding_weight, a.generation_weight))
     _check(o.optimizer in OPTIMIZERS, "optim.optimizer", " | ".join(OPTIMIZERS), o.optimizer)
+    _check(o.update in UPDATES, "optim.update", " | ".join(UPDATES), o.update)
+    if o.update != "round":
+        _check(m.dtype == "bfloat16", "optim.update", f"round unless model.dtype=bfloat16 (got {m.dtype})", o.update)
+        _check(not o.master_weights, "optim.update", "round with optim.master_weights=true (the masters already "
+               "keep every step)", o.update)
     _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
@@ -438,6 +449,8 @@ def _validate_launch(cfg: Config) -> None:
     _check(not cfg.optim.master_weights or cfg.model.dtype == "float32", "optim.master_weights",
            "false under torchrun with bf16/fp16 weights (use model.dtype=float32 with distributed.param_dtype=bfloat16: "
            "the fp32 shards are the master weights)", cfg.optim.master_weights)
+    _check(cfg.optim.update == "round", "optim.update", "round under torchrun (use model.dtype=float32 with "
+           "distributed.param_dtype=bfloat16: the fp32 shards are the master weights)", cfg.optim.update)
     _check(cfg.data.pairs_per_step % world == 0, "data.pairs_per_step",
            f"a multiple of the {world} ranks (every rank holds whole pairs)", cfg.data.pairs_per_step)
 

@@ -54,3 +54,29 @@ def test_master_weights_are_checkpointed(tmp_path, make_trainer):
                                                                          if not k.startswith("time.")}
     for x, y in zip(tr.optimizer.master, fresh.optimizer.master):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("update", ["kahan", "stochastic_rounding"])
+def test_compensated_update_resumes_exactly(tmp_path, make_trainer, update):
+    extra = {"model.dtype": "bfloat16", "algo.mu": 1, "optim.update": update, "optim.lr": 1e-4}
+    tr = make_trainer(tmp_path, **extra)
+    tr.train_step()
+    path = tr.save()
+    assert (path / "update.safetensors").is_file()
+    tr.train_step()  # the state moves on, so the resumed one must come from the file
+    tr = make_trainer(tmp_path / "again", **extra)
+    tr.train_step()
+    fresh = make_trainer(tmp_path, **extra, **{"train.resume": True})
+    assert fresh.maybe_resume()
+    for a, b in zip(tr.optimizer.update_state().values(), fresh.optimizer.update_state().values()):
+        assert torch.equal(a, b)
+    if update == "kahan":
+        assert any(bool(c.ne(0).any()) for c in fresh.optimizer.compensation)
+    for _ in range(2):
+        a, b = tr.train_step(), fresh.train_step()
+        assert {k: v for k, v in a.items() if not k.startswith("time.")} == {k: v for k, v in b.items()
+                                                                             if not k.startswith("time.")}
+    for x, y in zip(tr.optimizer.params, fresh.optimizer.params):
+        assert torch.equal(x, y)
+    for a, b in zip(tr.optimizer.update_state().values(), fresh.optimizer.update_state().values()):
+        assert torch.equal(a, b)
