@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed, rewards
+from . import checkpoint, distributed, lora, rewards
 from . import model as janus
 from .checkpoint import Checkpointer
 from .checkpoint_store import ResumePoint
@@ -69,14 +69,18 @@ def build_components(cfg: Config) -> Components:
     env = distributed.init_from_env(cfg.train.device)  # torchrun: process group + this rank's device
     device = env.device if env is not None else distributed.resolve_device(cfg.train.device)
     tokenizer_json = None
+    nf4 = cfg.model.lora.quantize == "nf4"
+    load_device = torch.device("cpu") if nf4 else device  # quantize_nf4 quantizes on the way to the GPU
     if cfg.model.path is None:
-        model, prompts, tok = tiny_policy(cfg, pairs, device, start.path)
+        model, prompts, tok = tiny_policy(cfg, pairs, load_device, start.path)
         tokenizer_json = tok.to_json()
     else:
-        model = janus.load_janus(cfg.model.path, dtype=cfg.model.dtype, device=device,
+        model = janus.load_janus(cfg.model.path, dtype=cfg.model.dtype, device=load_device,
                                  attn_implementation=cfg.model.attn_implementation)
         prompts = JanusPrompts(cfg.model.path)
         janus.complete_generation_config(model, prompts.processor.tokenizer)
+    if nf4:
+        model = lora.quantize_nf4(model, device)
     return assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json, resume=start)
 
 
@@ -113,7 +117,10 @@ def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
     device = next(model.parameters()).device
     env = distributed.current()  # None in a single process
     distributed.local_pairs(cfg.data.pairs_per_step, env)  # raises unless every rank gets whole pairs
-    log.info("trainable parameters: %s", janus.set_trainable(model, cfg.model.train_modules))
+    if cfg.model.lora.rank > 0:
+        log.info("LoRA (base frozen): %s", lora.add_adapters(model, cfg.model.lora))
+    else:
+        log.info("trainable parameters: %s", janus.set_trainable(model, cfg.model.train_modules))
     if cfg.model.gradient_checkpointing:
         janus.enable_gradient_checkpointing(model)
     ref_model = None

@@ -18,6 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 
 from pairuni_kernels.reference import KL_ESTIMATORS, LOSS_AGG_MODES
@@ -26,6 +27,9 @@ from . import checkpoint, distributed, rewards
 from .checkpoint_store import CheckpointError
 from .data import default_pairs_path
 from .data.sampler import read_training_pairs
+from .lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
+from .lora import QUANTIZE as LORA_QUANTIZE
+from .lora import TARGETS as LORA_TARGETS
 from .model import ATTN_IMPLEMENTATIONS, DEFAULT_TRAIN_MODULES, DTYPES, TRAINABLE_MODULE_NAMES
 from .optim import OPTIMIZERS, UPDATES
 from .policy import IMAGE_LOGPROBS
@@ -40,6 +44,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning; see engine/lora.py."""
+
+    rank: int = 0
+    """r of every adapter; 0: no LoRA (model.train_modules train in full)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter adds (alpha / rank) B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during updates (0 <= dropout < 1)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    """What carries adapters: attention (q/k/v/o projections) | mlp (gate/up/down) | generation_head
+    (proj_out, vision_head) | lm_head. Everything else stays frozen."""
+    quantize: str = "none"
+    """The frozen language model's projections: none (model.dtype) | nf4 (bitsandbytes 4-bit NormalFloat,
+    CUDA only; heads, embeddings, vision encoder and VQ model stay in model.dtype)."""
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None
     """Local Hugging Face directory of a Janus-Pro checkpoint (safetensors). None: the tiny random Janus."""
@@ -51,6 +73,8 @@ class ModelConfig:
     """Recompute decoder layers in backward to save activation memory (needed for 7B on one GPU)."""
     train_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_MODULES))
     """Modules that train; everything else (vision encoder, VQ model, generation embeddings) is frozen."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters on a frozen (optionally 4-bit) base; off while lora.rank is 0."""
     tiny_seed: int = 0
     """Initialisation seed of the tiny random Janus (used only when path is None)."""
     tiny_palette: bool = True
@@ -351,6 +375,7 @@ def validate(cfg: Config) -> None:
            " | ".join(ATTN_IMPLEMENTATIONS), m.attn_implementation)
     bad = [n for n in m.train_modules if n not in TRAINABLE_MODULE_NAMES]
     _check(not bad, "model.train_modules", f"names from {TRAINABLE_MODULE_NAMES}", m.train_modules)
+    _validate_lora(cfg)
     _check(d.pairs_path is None or os.path.isfile(d.pairs_path), "data.pairs_path", "an existing JSONL file", d.pairs_path)
     _check(d.image_root is None or os.path.isdir(d.image_root), "data.image_root", "an existing directory", d.image_root)
     _check(d.pairs_per_step >= 1, "data.pairs_per_step", "an integer >= 1", d.pairs_per_step)
@@ -417,6 +442,35 @@ def validate(cfg: Config) -> None:
     _preflight(check_run_dir, t.run_dir)
     _validate_launch(cfg)
     _validate_resume(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.model.lora
+    _check(lo.rank >= 0, "model.lora.rank", "an integer >= 0 (0: no LoRA)", lo.rank)
+    _check(lo.alpha > 0, "model.lora.alpha", "a number > 0", lo.alpha)
+    _check(0 <= lo.dropout < 1, "model.lora.dropout", "a number in [0, 1)", lo.dropout)
+    _check(bool(lo.targets) and all(t in LORA_TARGETS for t in lo.targets) and len(set(lo.targets)) == len(lo.targets),
+           "model.lora.targets", f"distinct names from {tuple(LORA_TARGETS)}", lo.targets)
+    _check(lo.quantize in LORA_QUANTIZE, "model.lora.quantize", " | ".join(LORA_QUANTIZE), lo.quantize)
+    if lo.rank == 0:
+        _check(lo.quantize == "none", "model.lora.quantize", "none while model.lora.rank is 0 (a 4-bit base cannot "
+               "be fully fine-tuned)", lo.quantize)
+        return
+    _check(sorted(cfg.model.train_modules) == sorted(DEFAULT_TRAIN_MODULES), "model.train_modules",
+           "the default with model.lora.rank > 0 (only the adapters train; choose them with model.lora.targets)",
+           cfg.model.train_modules)
+    _check(distributed.torchrun_world_size() is None, "model.lora.rank", "0 under torchrun (LoRA runs in a single "
+           "process)", lo.rank)
+    _check(cfg.optim.update == "round", "optim.update", "round with LoRA (the adapters are fp32)", cfg.optim.update)
+    if lo.quantize == "nf4":
+        device = cfg.train.device
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        _check(cuda, "model.lora.quantize", f"none on {device if device != 'auto' else 'a machine without CUDA'} "
+               "(bitsandbytes NF4 runs on CUDA only; use quantize=none for a frozen model.dtype base)", lo.quantize)
+        _check(cfg.model.dtype != "float32", "model.dtype", "bfloat16 or float16 with model.lora.quantize=nf4 "
+               "(the 4-bit layers compute in model.dtype)", cfg.model.dtype)
+        _check_importable("model.lora.quantize", "nf4", "bitsandbytes", "pip install bitsandbytes")
+    _check_importable("model.lora.rank", str(lo.rank), "peft", "pip install peft")
 
 
 def _preflight(check, *args) -> None:
@@ -556,6 +610,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, typing.Any]:
 def trajectory_changes(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every key outside RESUME_MAY_CHANGE whose value differs."""
     old, new = _flatten(saved), _flatten(current)
+    # a key added after the checkpoint was written changes nothing while it holds its default
+    defaults = _flatten(Config().to_dict())
+    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     missing = object()
     return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
             for key in sorted(old.keys() | new.keys())

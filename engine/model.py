@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lora
+
 log = logging.getLogger("pairuni.model")
 
 #: Modules of `JanusForConditionalGeneration` that train by default: the vision encoder and the VQ
@@ -323,9 +325,26 @@ def policy_hidden(model, inputs_embeds, attention_mask, position_ids, past_key_v
     return out.last_hidden_state
 
 
+def _plain_head(layer, what: str):
+    if lora.is_adapted(layer):
+        raise ValueError(f"{what}: LoRA-adapted; use {what}_operands (the adapter adds input features)")
+    return layer.weight, layer.bias
+
+
 def text_head(model):
-    """(weight [V, H], bias) of the text head."""
-    return model.lm_head.weight, model.lm_head.bias
+    """(weight [V, H], bias) of the text head (not LoRA-adapted; see `text_head_operands`)."""
+    return _plain_head(model.lm_head, "text_head")
+
+
+def text_head_operands(model, hidden: torch.Tensor):
+    """(x [..., H'], weight [V, H'], bias) with `F.linear(x, weight, bias)` the text logits of `hidden`
+    [..., H]; H' = H, or H + r when the text head carries a LoRA adapter (`lora.linear_operands`)."""
+    return lora.linear_operands(model.lm_head, hidden)
+
+
+def text_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """[..., H] final hidden states -> [..., V] text logits."""
+    return torch.nn.functional.linear(*text_head_operands(model, hidden))
 
 
 def image_head_input(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -335,9 +354,15 @@ def image_head_input(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def image_head(model):
-    """(weight [V_img, P], bias [V_img]) of the generation head's last linear layer."""
-    vh = model.model.generation_head.vision_head
-    return vh.weight, vh.bias
+    """(weight [V_img, P], bias [V_img]) of the generation head's last linear layer (not LoRA-adapted;
+    see `image_head_operands`)."""
+    return _plain_head(model.model.generation_head.vision_head, "image_head")
+
+
+def image_head_operands(model, head_input: torch.Tensor):
+    """(x [..., P'], weight [V_img, P'], bias [V_img]) with `F.linear(x, weight, bias)` the image logits of
+    `head_input` [..., P] (`image_head_input`); P' = P + r when vision_head carries a LoRA adapter."""
+    return lora.linear_operands(model.model.generation_head.vision_head, head_input)
 
 
 def decode_images(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ def scoring_temperature(sampling_temperature: float) -> float:
 class TaskView:
     """One task's policy on some rollout rows, ready for `fused_linear_policy_loss` / `linear_logprobs`.
 
-    hidden: [b, T, H] inputs of the head's last linear layer; weight [V, H], bias [V] or None;
+    hidden: [b, T, H] inputs of the head's last linear layer; weight [V, H], bias [V] or None (with a LoRA
+        adapter on the head, H counts its r extra features: `engine.lora.linear_operands`);
     targets: [b, T] long; mask: [b, T] bool; temperature: the scoring temperature.
     """
 
@@ -67,12 +68,10 @@ def task_view(model, task: str, rollout, rows=slice(None)) -> TaskView:
     mask = task_mask(task, rollout)[rows]
     temperature = scoring_temperature(rollout.temperature)
     if task == "understanding":
-        weight, bias = janus.text_head(model)
-        return TaskView(understanding_hidden(model, rollout, rows), weight, bias, rollout.response_ids[rows], mask,
-                        temperature)
-    weight, bias = janus.image_head(model)
-    return TaskView(generation_head_input(model, rollout, rows), weight, bias, rollout.image_tokens[rows], mask,
-                    temperature)
+        hidden, weight, bias = janus.text_head_operands(model, understanding_hidden(model, rollout, rows))
+        return TaskView(hidden, weight, bias, rollout.response_ids[rows], mask, temperature)
+    hidden, weight, bias = janus.image_head_operands(model, generation_head_input(model, rollout, rows))
+    return TaskView(hidden, weight, bias, rollout.image_tokens[rows], mask, temperature)
 
 
 # ----------------------------------------------------------------------------- teacher forcing

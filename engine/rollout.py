@@ -140,9 +140,8 @@ def shared_prefill(model, embeds: torch.Tensor, prompt_mask: torch.Tensor, inver
 def _text_decode(model, tokens: torch.Tensor, full_mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
     """One text step: [B] tokens at positions [B] -> [B, V] logits. Static shapes: the mask is always
     the full-length one (the cache masks positions not yet written), so it can be compiled once."""
-    weight, bias = janus.text_head(model)
     e = model.get_input_embeddings()(tokens[:, None])
-    return F.linear(janus.policy_hidden(model, e, full_mask, pos[:, None], cache)[:, -1], weight, bias)
+    return janus.text_logits(model, janus.policy_hidden(model, e, full_mask, pos[:, None], cache)[:, -1])
 
 
 def _image_decode(model, tokens: torch.Tensor, full_mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
@@ -193,14 +192,13 @@ def rollout_understanding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     embeds = janus.text_embeddings(model, prompt_ids[first], None if pixel_values is None else pixel_values[first])
     cache, h, next_pos = shared_prefill(model, embeds, prompt_mask[first], inverse, lp + max_new_tokens)
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], 1)
-    weight, bias = janus.text_head(model)
     step_fn = decode_step(_text_decode, device, compile)
     seeds = seeds.to(device)
     tokens = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
     logps = torch.empty(b, max_new_tokens, dtype=torch.float32, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
-    logits = F.linear(h, weight, bias)
+    logits = janus.text_logits(model, h)
     for t in range(max_new_tokens):
         tok, lpr = sample_text_tokens(logits, temperature=temperature, seeds=seeds, step=t)
         tokens[:, t], logps[:, t] = tok, lpr

@@ -1,0 +1,154 @@
+"""LoRA adapters (peft) on Janus-Pro: what trains, how the fused losses see an adapted head, merging.
+
+    counts = add_adapters(model, cfg.model.lora)        # base frozen; adapters fp32, trainable
+    x, weight, bias = linear_operands(model.lm_head, h)  # F.linear(x, weight, bias) == lm_head(h)
+    plain = merged_model(model)                          # a JanusForConditionalGeneration without adapters
+
+Targets (`model.lora.targets`, names from `TARGETS`): the language model's attention projections
+(q/k/v/o), its MLP projections (gate/up/down), the generation head (proj_out and vision_head) and,
+optionally, the text head (lm_head). The base weights stay frozen in `model.dtype`, or in 4-bit
+NF4 (bitsandbytes, CUDA only) for the language model's projections with `model.lora.quantize=nf4`
+(`quantize_nf4`; the heads, embeddings, vision encoder and VQ model stay in `model.dtype`). Adapter
+weights are fp32 (a few MB even for 7B), so lr 1e-6 steps are not lost to bf16 rounding.
+
+The fused losses never build `[N, V]` logits; they take the head's input, weight and bias. A
+LoRA-adapted head computes `W x + b + s B A drop(x)`; `linear_operands` writes that as one linear
+layer with r extra input features, `[x, s A drop(x)] @ [W, B]^T + b`, exact and without forming
+`W + s B A` (whose bf16 rounding would swallow small adapter updates), so the loss's gradient reaches
+A and B through the same fused kernel as in full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+ADAPTER = "default"
+#: `model.lora.targets` -> regular expressions of the module names they adapt.
+TARGETS = {
+    "attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+    "mlp": r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+    "generation_head": r"model\.generation_head\.(proj_out|vision_head)",
+    "lm_head": r"lm_head",
+}
+DEFAULT_TARGETS = ("attention", "mlp", "generation_head")
+#: `model.lora.quantize`: the frozen base of the language model's projections.
+QUANTIZE = ("none", "nf4")
+#: Module names whose linear layers `quantize_nf4` turns into 4-bit ones.
+QUANTIZED_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
+
+
+def target_pattern(targets) -> str:
+    """One regular expression (peft matches it against the full module name) for `targets`."""
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"model.lora.targets: expected names from {tuple(TARGETS)}, got {list(targets)}")
+    return "(" + "|".join(TARGETS[t] for t in targets) + ")"
+
+
+def is_adapted(layer) -> bool:
+    """True for a peft LoRA layer with an active, unmerged adapter."""
+    return hasattr(layer, "lora_A") and ADAPTER in layer.lora_A and not layer.merged
+
+
+def add_adapters(model, lora_cfg) -> dict[str, int]:
+    """Freeze `model` and inject LoRA adapters (rank, alpha, dropout, targets of `lora_cfg`) in place.
+
+    Adapter weights become fp32 and trainable: A ~ kaiming-uniform, B = 0, so the adapted model starts
+    equal to the base. Returns {"adapters": trainable parameter count, "base": frozen count}.
+    """
+    import peft
+
+    config = peft.LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                             target_modules=target_pattern(lora_cfg.targets), bias="none")
+    model.requires_grad_(False)
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    adapters = 0
+    for name, p in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        if is_lora:
+            p.data = p.data.float()
+            adapters += p.numel()
+        p.requires_grad_(is_lora)
+    if adapters == 0:
+        raise ValueError(f"model.lora.targets: {list(lora_cfg.targets)} matched no linear layer of the model")
+    return {"adapters": adapters, "base": sum(p.numel() for p in model.parameters()) - adapters}
+
+
+def linear_operands(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x', weight, bias) with `F.linear(x', weight, bias)` equal to `layer(x)`.
+
+    x: [..., H] in the layer's dtype. A plain `nn.Linear` gives (x, W [V, H], b). A LoRA-adapted one
+    gives x' = [x, s A drop(x)]: [..., H + r] and weight [W, B]: [V, H + r] in x's dtype, b unchanged.
+    """
+    if not is_adapted(layer):
+        return x, layer.weight, layer.bias
+    base = layer.get_base_layer()
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    z = F.linear(layer.lora_dropout[ADAPTER](x).to(a.dtype), a) * layer.scaling[ADAPTER]
+    return torch.cat([x, z.to(x.dtype)], -1), torch.cat([base.weight, b.to(base.weight.dtype)], 1), base.bias
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor} of every LoRA weight (names as in `model.named_parameters()`)."""
+    return {n: p.detach() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def _dense_weight(base) -> torch.Tensor:
+    """The weight of `base` as a dense tensor (a 4-bit layer's is dequantized)."""
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.detach()
+
+
+@torch.no_grad()
+def merged_model(model, dtype: torch.dtype | None = None):
+    """A copy of `model` with every adapter merged (`W + s B A`, added in fp32, stored in `dtype`, default
+    the base weight's dtype; a 4-bit base is dequantized first): plain `nn.Linear` layers only, so it
+    saves as an ordinary Hugging Face `JanusForConditionalGeneration`. `model` is left unchanged."""
+    merged = copy.deepcopy(model)
+    for name, layer in list(merged.named_modules()):
+        if not is_adapted(layer):
+            continue
+        base = layer.get_base_layer()
+        weight = _dense_weight(base)
+        out_dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
+        delta = layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float() * layer.scaling[ADAPTER]
+        plain = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                device=weight.device, dtype=out_dtype)
+        plain.weight.copy_(weight.float() + delta)
+        if base.bias is not None:
+            plain.bias.copy_(base.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent) if parent else merged, child, plain)
+    if hasattr(merged, "peft_config"):
+        del merged.peft_config
+    return merged.requires_grad_(False)
+
+
+def quantize_nf4(model, device: torch.device):
+    """Replace the language model's projections (`QUANTIZED_PROJECTIONS`) with bitsandbytes 4-bit NF4
+    layers (compute dtype: the model's), then move the model to `device` (CUDA), which quantizes them."""
+    import re
+
+    import bitsandbytes as bnb
+
+    if device.type != "cuda":
+        raise ValueError(f"model.lora.quantize=nf4: needs a CUDA device, got {device}")
+    pattern = re.compile(QUANTIZED_PROJECTIONS + "$")
+    for name, layer in list(model.named_modules()):
+        if not (pattern.match(name) and isinstance(layer, torch.nn.Linear)):
+            continue
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              compute_dtype=layer.weight.dtype, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(layer.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if layer.bias is not None:
+            q.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return model.to(device)
