@@ -46,12 +46,23 @@ def janus_pro_config(name: str, **text_overrides):
     return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=False)
 
 
-def parameter_counts(config) -> dict[str, int]:
-    """Parameters per top-level submodule of `JanusForConditionalGeneration`, counted on the meta device."""
+def _meta_model(config):
     from transformers import JanusForConditionalGeneration
 
     with torch.device("meta"):
-        model = JanusForConditionalGeneration(config)
+        return JanusForConditionalGeneration(config)
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every `nn.Linear` of the model (what LoRA can adapt
+    and NF4 can quantize), read on the meta device."""
+    return {n: (m.in_features, m.out_features) for n, m in _meta_model(config).named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def parameter_counts(config) -> dict[str, int]:
+    """Parameters per top-level submodule of `JanusForConditionalGeneration`, counted on the meta device."""
+    model = _meta_model(config)
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():
         parts = name.split(".")

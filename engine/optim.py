@@ -18,7 +18,8 @@
   steps `p + c` (together ~16 significant bits, +2 bytes per parameter); `stochastic_rounding`
   rounds the fp32 result up or down with probabilities that make the bf16 weight's expectation the
   fp32 one (no extra memory; a seeded generator whose state is checkpointed). Only one parameter's
-  fp32 copy and gradient exist at a time, as with master weights.
+  fp32 copy and gradient exist at a time (8 bytes per element of the largest parameter; stochastic
+  rounding 6 more for its noise and result), as with master weights.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
     """
     if x.dtype != torch.float32:
         raise ValueError(f"x: expected float32, got {x.dtype}")
-    bits = x.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 == 0xFFFF0000
+    # in place on the noise buffer: one int32 temporary per element; -65536 == 0xFFFF0000
+    return noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
 
 
 def optimizer_class(name: str, device_type: str):
@@ -140,14 +141,14 @@ class PolicyOptimizer:
                 continue
             w = p.float()
             if self.compensation is not None:
-                w += self.compensation[i].float()  # the weight fp32 masters would hold, to ~16 significant bits
+                w.add_(self.compensation[i])  # the weight fp32 masters would hold, to ~16 significant bits
             proxy.data = w
             proxy.grad, p.grad = p.grad.float(), None
             self.inner.step()
             proxy.grad = None
             if self.compensation is not None:
                 p.copy_(w)
-                self.compensation[i].copy_(w - p.float())
+                self.compensation[i].copy_(w.sub_(p))
             else:
                 p.copy_(stochastic_round_bf16(w, self.generator))
             proxy.data = w.new_empty(0)

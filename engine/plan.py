@@ -12,6 +12,19 @@ Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over th
                paper's lr of 1e-6 most updates are below half a bf16 ulp and vanish; the
                master copy (or stochastic rounding) is what keeps them. It is the term that
                decides whether 7B fits on one 80 GB GPU, so it is shown separately.
+  compensation `optim.update=kahan`: a bf16 compensation buffer per trained parameter (2 bytes);
+               stochastic rounding needs none. Either steps one parameter at a time through a
+               transient fp32 copy, as master weights do.
+  step         the optimizer step's transient memory beside the gradients: with master weights the
+               largest parameter's fp32 gradient (4 bytes per element), with kahan its fp32 copy and
+               gradient (8), with stochastic rounding also the noise and result (14); the peak counts
+               it where activations would be, whichever is larger
+  LoRA         (`--lora-rank r`, `model.lora`) the base is frozen: `weights` holds it in `param_dtype`,
+               or the language model's projections in NF4 (`--lora-quantize nf4`: 4 bits + one 8-bit
+               absmax per 64 weights + one fp32 per 256 absmaxes), plus the fp32 adapters
+               r x (in + out) per adapted linear layer; `grads` and `optimizer` cover the adapters
+               only. `head_copy`: an adapted head enters the fused loss as one [V, H + r] weight
+               (`engine.lora.linear_operands`), built per task and its gradient beside it.
   activations  per micro-batch of `micro_batch` sequences of S tokens through L LLaMA blocks
                (hidden H, MLP width I, in `param_dtype`, the compute dtype): without
                checkpointing every block keeps about 10 [S, H] and 4 [S, I] tensors for
@@ -40,16 +53,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .janus_shapes import IMAGE_CODEBOOK, IMAGE_TOKENS, MODEL_NAMES, janus_pro_config, parameter_counts
+from .janus_shapes import IMAGE_CODEBOOK, IMAGE_TOKENS, MODEL_NAMES, janus_pro_config, linear_shapes, parameter_counts
+from .lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
+from .lora import QUANTIZE as LORA_QUANTIZE
+from .lora import QUANTIZED_PROJECTIONS, target_pattern
+from .optim import UPDATES
 
 GiB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FROZEN_BY_DEFAULT = ("vision_model", "vqmodel")
 OPTIMIZERS = ("adamw8bit", "adamw")
+#: bytes per NF4 weight: 4 bits, an 8-bit absmax per 64-weight block, an fp32 scale per 256 absmaxes
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: heads whose LoRA-adapted weight the fused loss receives as one [V, H + r] tensor
+ADAPTED_HEADS = ("lm_head", "model.generation_head.vision_head")
 # Parameters of the reward models a run keeps resident (approximate sizes of the public checkpoints).
 REWARD_MODEL_PARAMS = {"clip": 428_000_000, "hpsv2": 986_000_000}
 # language-model hidden size -> preset, to recognise a downloaded Janus-Pro folder
@@ -78,6 +100,14 @@ class PlanConfig:
     optimizer: str = "adamw8bit"
     master_weights: bool = False
     """Keep an fp32 master copy of the trainable weights (see module docstring)."""
+    update: str = "round"
+    """`optim.update`: round | kahan (+2 bytes per trained parameter) | stochastic_rounding."""
+    lora_rank: int = 0
+    """LoRA rank (0: full fine-tuning of the default train modules)."""
+    lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+    """`model.lora.targets`."""
+    lora_quantize: str = "none"
+    """`model.lora.quantize`: none | nf4 (the language model's projections in 4 bits)."""
     param_dtype: str = "bfloat16"
     loss_chunk_rows: int = 1024
     """Rows of the fused linear loss computed at once."""
@@ -96,7 +126,18 @@ class PlanConfig:
         for name in ("gpus", "group_size", "pairs_per_gpu", "micro_batch", "loss_chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("rollout_batch", "reward_params"):
+        if self.update not in UPDATES:
+            raise ValueError(f"update: expected one of {UPDATES}, got {self.update!r}")
+        if self.lora_quantize not in LORA_QUANTIZE:
+            raise ValueError(f"lora_quantize: expected one of {LORA_QUANTIZE}, got {self.lora_quantize!r}")
+        if self.lora_quantize != "none" and self.lora_rank == 0:
+            raise ValueError("lora_quantize: a quantized base needs lora_rank > 0")
+        if self.gpus > 1 and (self.lora_rank or self.update != "round"):
+            raise ValueError("gpus: LoRA and compensated updates run in a single process (gpus=1)")
+        if self.update != "round" and (self.lora_rank or self.master_weights):
+            raise ValueError("update: a compensated update is for full fine-tuning without master weights")
+        target_pattern(self.lora_targets)
+        for name in ("rollout_batch", "reward_params", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
 
@@ -132,20 +173,25 @@ def plan_of_run(run, *, gpus: int = 1, model: str | None = None) -> PlanConfig:
         optimizer=run.optim.optimizer, param_dtype=dtype,
         # under FSDP, fp32 shards computed in a lower dtype are the master weights
         master_weights=run.optim.master_weights or (gpus > 1 and run.model.dtype == "float32" and dtype != "float32"),
+        update=run.optim.update, lora_rank=run.model.lora.rank, lora_targets=tuple(run.model.lora.targets),
+        lora_quantize=run.model.lora.quantize,
         rollout_batch=run.rollout.max_batch,
         reward_params=sum(REWARD_MODEL_PARAMS.get(name, 0) for name in (run.reward.understanding, run.reward.generation)))
 
 
-def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dict | None = None) -> dict[str, float]:
+def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dict | None = None,
+             linears: dict[str, tuple[int, int]] | None = None) -> dict[str, float]:
     """Bytes per GPU for each term, plus `rollout_peak`, `update_peak` and `peak` (all in bytes).
 
-    `counts` / `text` override the parameter counts and language-model shape (the tests use a
-    scaled-down model); by default they come from the exact Janus-Pro config of `cfg.model`.
+    `counts` / `text` / `linears` override the parameter counts, language-model shape and linear
+    layers' (in, out) (the tests use a scaled-down model); by default they come from the exact
+    Janus-Pro config of `cfg.model`.
     """
     cfg.validate()
-    if counts is None or text is None:
+    if counts is None or text is None or (linears is None and cfg.lora_rank):
         config = janus_pro_config(cfg.model)
         counts = counts or parameter_counts(config)
+        linears = linears or linear_shapes(config)
         t = config.text_config
         text = text or dict(hidden=t.hidden_size, layers=t.num_hidden_layers, intermediate=t.intermediate_size,
                             kv_heads=t.num_key_value_heads, heads=t.num_attention_heads,
@@ -159,12 +205,21 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     # the longest update sequence: an understanding prompt (question + 576 image embeddings) + answer
     seq = cfg.prompt_tokens + text["image_tokens"] + cfg.answer_tokens
 
+    weights, grad_bytes, head_copy = total * pb, pb, 0.0
+    if cfg.lora_rank:
+        weights, trainable, grad_bytes, head_copy = _lora_terms(cfg, total, pb, linears)
     terms = {
-        "weights": total * pb / shard,
-        "grads": trainable * pb / shard,
+        "weights": weights / shard,
+        "grads": trainable * grad_bytes / shard,
         "optimizer": trainable * ((2 + 8 / 2048) if cfg.optimizer == "adamw8bit" else 8) / shard,
         "master": trainable * 4 / shard if cfg.master_weights else 0.0,
+        "compensation": trainable * 2.0 if cfg.update == "kahan" else 0.0,
+        "head_copy": head_copy,
     }
+    # the text embeddings and lm_head are Janus-Pro's largest parameters; a scaled-down model's may be a linear layer
+    largest = max([text["vocab"] * h] + [i * o for i, o in (linears or {}).values()])
+    step_bytes = {"kahan": 8, "stochastic_rounding": 14}.get(cfg.update, 4 if cfg.master_weights else 0)
+    terms["step"] = 0.0 if cfg.lora_rank else largest * step_bytes / shard
     block = cfg.micro_batch * seq * (10 * h + 4 * inter) * pb  # one block's saved tensors
     if cfg.gradient_checkpointing:
         terms["activations"] = n_layers * cfg.micro_batch * seq * h * pb + block
@@ -179,22 +234,42 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     terms["rollout_gather"] = total * pb * (1 - 1 / shard)
     terms["reward_models"] = cfg.reward_params * 4.0
 
-    persistent = terms["weights"] + terms["optimizer"] + terms["master"] + terms["reward_models"]
+    persistent = terms["weights"] + terms["optimizer"] + terms["master"] + terms["compensation"] + terms["reward_models"]
     terms["rollout_peak"] = persistent + terms["rollout_gather"] + terms["kv_cache"]
-    terms["update_peak"] = persistent + terms["grads"] + terms["activations"] + terms["fsdp_gather"] + terms["loss"]
+    backward = terms["activations"] + terms["fsdp_gather"] + terms["loss"] + terms["head_copy"]
+    terms["update_peak"] = persistent + terms["grads"] + max(backward, terms["step"])
     terms["peak"] = max(terms["rollout_peak"], terms["update_peak"])
     terms["parameters"] = float(total)
     terms["trainable_parameters"] = float(trainable)
     return terms
 
 
+def _lora_terms(cfg: PlanConfig, total: int, pb: int, linears: dict[str, tuple[int, int]]):
+    """(weight bytes, adapter parameters, bytes per adapter gradient, head copy bytes) of a LoRA run."""
+    adapted = re.compile(target_pattern(cfg.lora_targets))
+    quantized = re.compile(QUANTIZED_PROJECTIONS)
+    r = cfg.lora_rank
+    adapters = sum(r * (i + o) for n, (i, o) in linears.items() if adapted.fullmatch(n))
+    if adapters == 0:
+        raise ValueError(f"lora_targets: {list(cfg.lora_targets)} match no linear layer of {cfg.model}")
+    nf4 = sum(i * o for n, (i, o) in linears.items() if quantized.fullmatch(n)) if cfg.lora_quantize == "nf4" else 0
+    weights = (total - nf4) * pb + nf4 * NF4_BYTES + adapters * 4
+    heads = [linears[n] for n in ADAPTED_HEADS if n in linears and adapted.fullmatch(n)]
+    head_copy = max((2 * o * (i + r) * pb for i, o in heads), default=0.0)
+    return weights, adapters, 4, head_copy
+
+
 def format_table(cfg: PlanConfig, terms: dict[str, float]) -> str:
     lines = [f"memory plan: {cfg.model}, {cfg.gpus} GPU(s), G={cfg.group_size}, {cfg.pairs_per_gpu} pair(s)/GPU, "
              f"{cfg.optimizer}, checkpointing={'on' if cfg.gradient_checkpointing else 'off'}, "
-             f"master={'fp32' if cfg.master_weights else 'none'}",
+             f"master={'fp32' if cfg.master_weights else 'none'}, update={cfg.update}, "
+             + (f"LoRA r={cfg.lora_rank} on {'/'.join(cfg.lora_targets)}, base "
+                f"{cfg.lora_quantize if cfg.lora_quantize != 'none' else cfg.param_dtype}" if cfg.lora_rank
+                else "full fine-tuning"),
              f"parameters {terms['parameters'] / 1e9:.3f} B (trainable {terms['trainable_parameters'] / 1e9:.3f} B)",
              "| term | GiB per GPU |", "|---|---|"]
-    for key in ("weights", "grads", "optimizer", "master", "activations", "fsdp_gather", "loss", "rollout_gather", "kv_cache",
+    for key in ("weights", "grads", "optimizer", "master", "compensation", "head_copy", "activations", "fsdp_gather", "loss",
+                "step", "rollout_gather", "kv_cache",
                 "reward_models", "rollout_peak", "update_peak", "peak"):
         lines.append(f"| {key} | {terms[key] / GiB:.2f} |")
     return "\n".join(lines)
@@ -217,6 +292,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
     p.add_argument("--master-weights", action="store_true")
+    p.add_argument("--update", default=None, choices=UPDATES,
+                   help="optim.update: kahan adds a bf16 compensation buffer per trained parameter")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (model.lora.rank; 0: full fine-tuning)")
+    p.add_argument("--lora-quantize", default=None, choices=LORA_QUANTIZE,
+                   help="model.lora.quantize: nf4 keeps the language model's projections in 4 bits")
     p.add_argument("--param-dtype", default=None, choices=tuple(DTYPE_BYTES),
                    help="dtype of stored weights, grads and activations (float32: an upper bound for FSDP "
                         "with fp32 shards and bf16 compute)")
@@ -235,7 +315,8 @@ def _run(args) -> int:
         flags = {"group_size": args.group_size, "pairs_per_gpu": args.pairs_per_gpu, "prompt_tokens": args.prompt_tokens,
                  "answer_tokens": args.answer_tokens, "micro_batch": args.micro_batch, "optimizer": args.optimizer,
                  "param_dtype": args.param_dtype, "gradient_checkpointing": False if args.no_checkpointing else None,
-                 "master_weights": True if args.master_weights else None}
+                 "master_weights": True if args.master_weights else None, "update": args.update,
+                 "lora_rank": args.lora_rank, "lora_quantize": args.lora_quantize}
         for f in fields(cfg):
             if flags.get(f.name) is not None:
                 setattr(cfg, f.name, flags[f.name])
