@@ -154,3 +154,23 @@ def test_bad_config_fails_before_the_model_loads(tmp_path, capsys, no_model_load
 def test_print_config_resolves_overrides(capsys):
     assert cli.main(["train", "--print-config", "rollout.group_size=3"]) == 0
     assert "group_size: 3" in capsys.readouterr().out
+
+
+def test_24gb_config_is_lora_on_a_4bit_base():
+    """Paper settings as the 1-GPU config, LoRA on an NF4 base; NF4 is refused by name without CUDA."""
+    import torch
+
+    from engine.config import ConfigError
+
+    path, keep_out = str(ROOT / "configs" / "janus_pro_7b_24gb.yaml"), ["model.path=null", "data.pairs_path=null",
+                                                                         "reward.generation=toyworld"]
+    if torch.cuda.is_available():
+        cfg = load_config(path, keep_out)
+    else:
+        with pytest.raises(ConfigError, match="model.lora.quantize: expected none on a machine without CUDA"):
+            load_config(path, keep_out)
+        cfg = load_config(path, keep_out + ["model.lora.quantize=none"])
+        cfg.model.lora.quantize = "nf4"
+    assert cfg.model.lora.rank > 0 and cfg.model.lora.quantize == "nf4"
+    assert set(cfg.model.lora.targets) >= {"attention", "mlp", "generation_head"}
+    assert (cfg.rollout.group_size, cfg.rollout.cfg_scale, cfg.algo.beta) == (4, 5.0, 0.0)

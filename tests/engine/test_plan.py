@@ -3,6 +3,7 @@
 import pytest
 
 from engine import plan
+from engine.config import load_config
 from engine.janus_shapes import janus_pro_config, parameter_counts
 
 
@@ -90,3 +91,38 @@ def test_plan_reads_the_preset_off_model_path(tmp_path, capsys):
     config.write_text("model:\n  path: /nonexistent/janus\n")
     assert cli.main(["plan", "--config", str(config)]) == 2
     assert "model.path: cannot read the language model's hidden size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, goal_bytes", [("janus_pro_7b_1gpu.yaml", 60e9), ("janus_pro_7b_24gb.yaml", 22e9)])
+def test_7b_one_gpu_configs_meet_their_memory_goals(name, goal_bytes):
+    """Issue goals at the paper's settings (G=4, CFG 5, 576 image tokens): full fine-tuning <= 60 GB,
+    LoRA on a 4-bit base <= 22 GB (a 24 GB card with headroom)."""
+    run = load_config(f"configs/{name}", check=False)
+    cfg = plan.plan_of_run(run, model="janus-pro-7b")
+    assert cfg.group_size == 4 and run.rollout.cfg_scale == 5.0 and not cfg.master_weights
+    terms = plan.estimate(cfg)
+    assert terms["peak"] <= goal_bytes
+    if cfg.lora_rank:
+        assert cfg.lora_quantize == "nf4" and terms["trainable_parameters"] < 0.05 * terms["parameters"]
+    else:
+        assert cfg.update in ("kahan", "stochastic_rounding")
+
+
+def test_plan_terms_of_compensated_updates_and_lora():
+    """Kahan adds 2 bytes per trained parameter; NF4 shrinks the language model's projections ~3.9x; LoRA's
+    trainable parameters are r x (in + out) per adapted layer."""
+    from engine.janus_shapes import janus_pro_config, linear_shapes
+
+    full = plan.estimate(plan.PlanConfig(model="janus-pro-1b"))
+    kahan = plan.estimate(plan.PlanConfig(model="janus-pro-1b", update="kahan"))
+    assert kahan["compensation"] == 2 * full["trainable_parameters"]
+    lo = plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, lora_targets=("attention",)))
+    shapes = linear_shapes(janus_pro_config("janus-pro-1b"))
+    attn = [s for n, s in shapes.items() if n.startswith("model.language_model.") and ".self_attn." in n]
+    assert len(attn) == 4 * 24 and lo["trainable_parameters"] == sum(8 * (i + o) for i, o in attn)
+    nf4 = plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, lora_quantize="nf4"))
+    lm_proj = sum(i * o for n, (i, o) in shapes.items() if n.startswith("model.language_model.layers."))
+    saved = plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8))["weights"] - nf4["weights"]
+    assert saved == pytest.approx(lm_proj * (2 - plan.NF4_BYTES))
+    with pytest.raises(ValueError, match="gpus"):
+        plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, gpus=2))
