@@ -17,6 +17,9 @@ nothing it started keeps running, the next one still runs, and the summary is al
   linear       the fused linear loss at two Janus head shapes (image 7B, text 7B)
   train_7b     two PairGRPO steps of random-weight Janus-Pro-7B (benchmarks/train_one_gpu.py)
   rollout      the engine's image rollout vs transformers' generate, Janus-Pro-1B shapes, B=16, 64 tokens
+  lora_4bit    two PairGRPO steps of random-weight Janus-Pro-7B with LoRA r=64 on a 4-bit NF4 base
+               (configs/janus_pro_7b_24gb.yaml's method; peaks from torch and cudaMemGetInfo); the dry
+               run trains the tiny shapes' LoRA on a bf16 base and says that NF4 was skipped
 The dry run takes the same stages with tiny shapes and no torch.compile: the quick benchmark suites,
 the two quick linear shapes, and train_one_gpu.py --smoke (the engine's tiny vision and VQ models).
 Everything is written under --work (outside $OUT); at the end it is packed into --out ($OUT) as
@@ -49,11 +52,11 @@ LINEAR_CASES = ("image 8x576 H4096", "text 8x512 H4096")
 DRY_LINEAR_CASES = ("quick image 4x128 H256", "quick text 2x128 H256")
 WHEELS = ROOT / "wheels"
 STAGES = ("environment", "build", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages", "linear",
-          "train_7b", "rollout")
+          "train_7b", "rollout", "lora_4bit")
 # seconds per stage on the GPU machine; the 9-minute deadline cuts any of them shorter
 TIMEOUTS = {"environment": 30, "build": 150, "optimizer": 60, "gpu_tests": 75, "sampler": 45, "policy_loss": 60,
             "advantages": 20, "linear": 90, "train_7b": 170,
-            "rollout": 90}
+            "rollout": 90, "lora_4bit": 150}
 DRY_TIMEOUT = 120  # per stage in the dry run: generous, since CI machines are slow and shared
 PACK_RESERVE_S = 15  # kept back from the deadline for the summary and the packing
 HANG = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']);"
@@ -87,6 +90,9 @@ def stage_commands(dry: bool, work: Path) -> dict[str, list[str]]:
         "linear": bench + ["--only", "linear", "--cases", *(DRY_LINEAR_CASES if dry else LINEAR_CASES)],
         "train_7b": train,
         "rollout": bench + ["--only", "rollout"] + ([] if dry else ["--quick"]),
+        "lora_4bit": [PY, str(ROOT / "benchmarks" / "train_one_gpu.py"), "--only", "janus-pro-7b", "--steps", "2",
+                      "--lora-rank", "64", "--lora-quantize", "nf4", "--out", results,
+                      "--run-dir", str(work / "lora_run")] + (["--smoke"] if dry else []),
     }
 
 
@@ -183,6 +189,8 @@ def summary_markdown(records: list[dict], env: dict, extra: dict) -> str:
               f"optimizer stage: {opt.get('optimizer', '?')} ({opt.get('note', opt.get('wheel', ''))})", ""]
     if extra.get("train"):
         lines += ["## 7B step", "", extra["train"], ""]
+    if extra.get("train_lora"):
+        lines += ["## 7B step, LoRA on a 4-bit base", "", extra["train_lora"], ""]
     for r in records:
         if "tail" in r:
             lines += [f"## {r['stage']}: {r['status']}", "", "```", r["tail"], "```", ""]
@@ -237,7 +245,7 @@ def session(args, inject: dict[str, str], timeouts: dict[str, float]) -> int:
             cmd = commands[name]
             if name in inject:
                 cmd = injected_command(name, inject[name], work, args.dry_run) or cmd + ["--inject", "raise"]
-            if name == "train_7b":  # the 8-bit optimizer needs CUDA: the dry run only checks that the wheel installs
+            if name in ("train_7b", "lora_4bit"):  # the 8-bit optimizer needs CUDA: the dry run only checks the wheel
                 extra["train_optimizer"] = "adamw" if args.dry_run else extra["optimizer"]["optimizer"]
                 cmd = cmd + ["--optimizer", extra["train_optimizer"]]
             record = run_stage(name, cmd, min(timeouts[name], left), work / "logs", child_env)
@@ -255,8 +263,12 @@ def session(args, inject: dict[str, str], timeouts: dict[str, float]) -> int:
     except Exception as exc:  # a fault of this script itself: still write what was recorded
         records.append({"stage": "session", "status": f"failed: {type(exc).__name__}: {exc}", "seconds": 0.0})
     trained = sorted((work / "results").glob("train_one_gpu_*.md"))
-    if trained:
-        extra["train"] = trained[0].read_text()
+    full = [t for t in trained if "_lora" not in t.name]
+    if full:
+        extra["train"] = full[0].read_text()
+    lora = [t for t in trained if "_lora" in t.name]
+    if lora:
+        extra["train_lora"] = lora[0].read_text()
     summary = summary_markdown(records, env, extra)
     files = pack(work, Path(args.out), summary, {"environment": env, "stages": records, **extra})
     print(summary)

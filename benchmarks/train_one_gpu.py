@@ -3,6 +3,8 @@
     python benchmarks/train_one_gpu.py                       # 7B with G=4, then 1B with G=8 (CUDA)
     python benchmarks/train_one_gpu.py --only janus-pro-7b --steps 3
     python benchmarks/train_one_gpu.py --smoke               # tiny shapes on CPU: checks the script only
+    python benchmarks/train_one_gpu.py --only janus-pro-7b --lora-rank 64 --lora-quantize nf4   # the 24 GB setting
+    python benchmarks/train_one_gpu.py --only janus-pro-7b --update stochastic_rounding         # the 1-GPU config's
 
 Weights do not change memory or speed, so a randomly initialised `JanusForConditionalGeneration`
 with exactly the released shapes (engine.janus_shapes) measures what a real run costs without any
@@ -130,6 +132,8 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
                  "model.gradient_checkpointing=true", f"optim.optimizer={args.optimizer}", "optim.lr=1e-6",
                  f"optim.micro_batch_size={args.micro_batch}", "algo.mu=1",
                  f"optim.master_weights={str(args.master_weights).lower()}", "reward.generation=toyworld",
+                 f"optim.update={args.update}", f"model.lora.rank={args.lora_rank}",
+                 f"model.lora.alpha={2 * max(args.lora_rank, 1)}", f"model.lora.quantize={args.lora_quantize}",
                  f"train.device={device.type}", "train.progress=false", f"train.run_dir={args.run_dir}/{name}"]
     cfg = load_config(None, overrides)
     pairs, root = validated_pairs(cfg)
@@ -142,6 +146,10 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     model, attn = build_model(name, device, torch.bfloat16, shapes, args.attn, tiny_image=args.smoke)
+    if args.lora_quantize == "nf4":  # as engine.build does for a loaded checkpoint
+        from engine.lora import quantize_nf4
+
+        model = quantize_nf4(model, device)
     build_s = time.perf_counter() - t0
     vis = model.config.vision_config
     prompts = ToyPrompts(tok, image_size=vis.image_size, num_image_tokens=vis.num_image_tokens)
@@ -152,7 +160,8 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
               "pairs_per_step": 1, "image_tokens": image_token_count(model), "answer_tokens": args.answer_tokens,
               "micro_batch": args.micro_batch, "attention": attn, "dtype": "bfloat16",
               "optimizer": type(trainer.optimizer.inner).__name__, "gradient_checkpointing": True,
-              "master_weights": args.master_weights,
+              "master_weights": args.master_weights, "update": args.update,
+              "lora": f"r={args.lora_rank}, base {args.lora_quantize}" if args.lora_rank else "none",
               "parameters": sum(counts.values()), "build_s": build_s, "steps": []}
     if device.type == "cuda":
         result["mem_after_build_gib"] = torch.cuda.memory_allocated(device) / 2**30
@@ -177,7 +186,8 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
     est = plan.estimate(plan.PlanConfig(model=name, gpus=1, group_size=group_size, pairs_per_gpu=1,
                                         prompt_tokens=question, answer_tokens=args.answer_tokens,
                                         micro_batch=args.micro_batch, optimizer="adamw8bit",
-                                        master_weights=args.master_weights))
+                                        master_weights=args.master_weights, update=args.update,
+                                        lora_rank=args.lora_rank, lora_quantize=args.lora_quantize))
     if not shapes:
         result["plan_gib"] = {k: est[k] / 2**30 for k in ("weights", "grads", "optimizer", "activations", "loss",
                                                           "kv_cache", "rollout_peak", "update_peak", "peak")}
@@ -197,7 +207,9 @@ def markdown(results: list[dict], env: dict) -> str:
     lines = [f"# PairGRPO on one device: {env['device_name']}", "",
              f"torch {env['torch']}, {env['when']}; random weights, one pair per step, bf16, gradient "
              "checkpointing, optimizer as in the table, mu=1, fp32 master weights "
-             f"{'on' if results and results[0].get('master_weights') else 'off'}.", "",
+             f"{'on' if results and results[0].get('master_weights') else 'off'}, update "
+             f"{results[0].get('update', 'round') if results else 'round'}, LoRA "
+             f"{results[0].get('lora', 'none') if results else 'none'}.", "",
              "| model | G | optimizer | params (B) | peak allocated (GiB) | peak device used (GiB) | planned peak (GiB) "
              "| rollout (s) | update (s) | step (s) | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -226,6 +238,11 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--master-weights", action="store_true",
                     help="fp32 master weights (optim.master_weights): what lr 1e-6 on bf16 weights needs; +4 B/param")
+    ap.add_argument("--update", default="round", choices=("round", "kahan", "stochastic_rounding"),
+                    help="optim.update: compensated bf16 updates instead of master weights")
+    ap.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (0: full fine-tuning)")
+    ap.add_argument("--lora-quantize", default="none", choices=("none", "nf4"),
+                    help="model.lora.quantize: nf4 (CUDA) keeps the language model's projections in 4 bits")
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "auto", "flash_attention_2", "eager"),
                     help="attention of the language model (auto: flash-attention-2 when importable, as the engine)")
     ap.add_argument("--optimizer", default="adamw8bit", choices=("adamw8bit", "adamw"),
@@ -244,6 +261,9 @@ def main(argv=None) -> int:
     if device.type != "cuda" and not args.smoke:
         print("train_one_gpu: no CUDA device; use --smoke to check the script on CPU", file=sys.stderr)
         return 2
+    if device.type != "cuda" and args.lora_quantize == "nf4":
+        print("train_one_gpu: 4-bit NF4 skipped (bitsandbytes NF4 needs CUDA): LoRA on a bf16 base instead", flush=True)
+        args.lora_quantize = "none"
     env = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda"
@@ -254,6 +274,8 @@ def main(argv=None) -> int:
             continue
         results.append(run_one(name, g, args, device))
     tag = ("smoke" if args.smoke else device.type) + ("_master" if args.master_weights else "")
+    tag += f"_{args.update}" if args.update != "round" else ""
+    tag += f"_lora{args.lora_rank}" + ("_nf4" if args.lora_quantize == "nf4" else "") if args.lora_rank else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train_one_gpu_{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))

@@ -145,8 +145,8 @@ def quantize_nf4(model, device: torch.device):
         if not (pattern.match(name) and isinstance(layer, torch.nn.Linear)):
             continue
         q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                              compute_dtype=layer.weight.dtype, quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(layer.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                              compute_dtype=layer.weight.dtype, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4")  # quantized by .to(cuda)
         if layer.bias is not None:
             q.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
         parent, _, child = name.rpartition(".")

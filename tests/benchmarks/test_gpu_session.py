@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.py"
 # the session order (GPU tests, sampler, policy loss, advantages, fused linear, 7B step, rollout), after the set-up stages
 STAGES = ["environment", "build", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages", "linear",
-          "train_7b", "rollout"]
+          "train_7b", "rollout", "lora_4bit"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 pytestmark = pytest.mark.slow
@@ -93,6 +93,11 @@ def test_dry_run_runs_every_stage_and_packs_three_files(tmp_path):
     assert [r["model"] for r in train] == ["janus-pro-7b"] and train[0]["optimizer"] == "AdamW"
     assert len(train[0]["steps"]) == 2 and all(s["update_s"] > 0 for s in train[0]["steps"])
     assert train[0]["image_tokens"] == 16 and "oom" not in train[0]
+    # the 4-bit LoRA stage: NF4 needs CUDA, so the dry run trains LoRA on a bf16 base and says so
+    lora = json.loads(results["train_one_gpu_smoke_lora64.json"])["results"]
+    assert lora[0]["lora"] == "r=64, base none" and len(lora[0]["steps"]) == 2 and "oom" not in lora[0]
+    assert "4-bit NF4 skipped" in (work / "logs" / "lora_4bit.log").read_text()
+    assert "LoRA on a 4-bit base" in md
     rollout = {r["impl"]: r for r in json.loads(results["rollout_cpu_quick.json"])["rows"]}
     assert set(rollout) == {"transformers", "engine"} and all(r["step_ms"] > 0 for r in rollout.values())
 
