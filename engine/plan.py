@@ -275,6 +275,32 @@ def format_table(cfg: PlanConfig, terms: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+#: (label, PlanConfig fields) of the methods in `methods_table`
+METHODS = (
+    ("full, fp32 master weights", dict(master_weights=True)),
+    ("full, bf16 + Kahan compensation", dict(update="kahan")),
+    ("full, bf16 + stochastic rounding", dict(update="stochastic_rounding")),
+    ("LoRA, bf16 base", dict(lora_rank=64)),
+    ("LoRA, 4-bit NF4 base", dict(lora_rank=64, lora_quantize="nf4")),
+)
+#: GPU memory sizes (GB) the table names; a run fits when its planned peak leaves 1 GB for the CUDA context
+GPU_SIZES_GB = (16, 24, 40, 48, 80, 141)
+
+
+def methods_table(base: PlanConfig) -> str:
+    """Markdown: planned peak per model x method (`METHODS`) at `base`'s sizes, and the smallest GPU it fits."""
+    lines = ["| model | method | trainable params | planned peak (GiB) | (GB) | fits a GPU of |", "|---|---|---|---|---|---|"]
+    for model in MODEL_NAMES:
+        for label, changes in METHODS:
+            cfg = PlanConfig(**{**asdict(base), "model": model, **changes})
+            terms = estimate(cfg)
+            gb = terms["peak"] / 1e9
+            fits = next((f"{size} GB" for size in GPU_SIZES_GB if gb + 1 <= size), "none listed")
+            lines.append(f"| {model} | {label}{f' (r={cfg.lora_rank})' if cfg.lora_rank else ''} | "
+                         f"{terms['trainable_parameters'] / 1e9:.2f} B | {terms['peak'] / GiB:.2f} | {gb:.1f} | {fits} |")
+    return "\n".join(lines)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="estimate per-GPU memory of a PairGRPO run",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,6 +327,9 @@ def register(subparsers) -> None:
                    help="dtype of stored weights, grads and activations (float32: an upper bound for FSDP "
                         "with fp32 shards and bf16 compute)")
     p.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
+    p.add_argument("--methods-table", action="store_true",
+                   help="a markdown table of every preset x method (full fine-tuning with fp32 masters, Kahan or "
+                        "stochastic rounding; LoRA r=64 on a bf16 or NF4 base) at the other flags' sizes")
     p.set_defaults(func=_run)
 
 
@@ -320,6 +349,9 @@ def _run(args) -> int:
         for f in fields(cfg):
             if flags.get(f.name) is not None:
                 setattr(cfg, f.name, flags[f.name])
+        if args.methods_table:
+            print(methods_table(cfg))
+            return 0
         terms = estimate(cfg)
     except (ConfigError, ValueError) as exc:
         print(f"pairuni plan: {exc}", file=sys.stderr)
@@ -328,4 +360,4 @@ def _run(args) -> int:
     return 0
 
 
-__all__ = ["PlanConfig", "estimate", "format_table", "plan_of_run", "preset_of", "register"]
+__all__ = ["PlanConfig", "estimate", "format_table", "methods_table", "plan_of_run", "preset_of", "register"]

@@ -126,3 +126,13 @@ def test_plan_terms_of_compensated_updates_and_lora():
     assert saved == pytest.approx(lm_proj * (2 - plan.NF4_BYTES))
     with pytest.raises(ValueError, match="gpus"):
         plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, gpus=2))
+
+
+def test_readme_gpu_table_is_the_planners():
+    """README's "How much GPU do I need?" table is what `pairuni plan --methods-table --group-size 4
+    --pairs-per-gpu 1` prints today."""
+    from pathlib import Path
+
+    table = plan.methods_table(plan.PlanConfig(group_size=4, pairs_per_gpu=1))
+    assert len(table.splitlines()) == 2 + 2 * len(plan.METHODS)
+    assert table in (Path(__file__).resolve().parents[2] / "README.md").read_text()
