@@ -3,6 +3,7 @@
     counts = add_adapters(model, cfg.model.lora)        # base frozen; adapters fp32, trainable
     x, weight, bias = linear_operands(model.lm_head, h)  # F.linear(x, weight, bias) == lm_head(h)
     plain = merged_model(model)                          # a JanusForConditionalGeneration without adapters
+    save_adapter(model, "out/adapter")                   # the adapters alone, as a peft adapter directory
 
 Targets (`model.lora.targets`, names from `TARGETS`): the language model's attention projections
 (q/k/v/o), its MLP projections (gate/up/down), the generation head (proj_out and vision_head) and,
@@ -96,6 +97,38 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
+def save_adapter(model, out_dir) -> None:
+    """Write the adapters alone as a peft adapter directory (adapter_model.safetensors, adapter_config.json),
+    loadable with `peft.PeftModel.from_pretrained(base, out_dir)`; atomic: a temporary folder renamed."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import peft
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if not hasattr(model, "peft_config"):
+        raise ValueError("save_adapter: the model carries no LoRA adapter (model.lora.rank is 0)")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+    config = model.peft_config[ADAPTER].to_dict()
+    config["target_modules"] = config["target_modules"] if isinstance(config["target_modules"], str) else \
+        sorted(config["target_modules"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _dense_weight(base) -> torch.Tensor:
     """The weight of `base` as a dense tensor (a 4-bit layer's is dequantized)."""
     weight = base.weight
@@ -134,12 +167,18 @@ def merged_model(model, dtype: torch.dtype | None = None):
 def quantize_nf4(model, device: torch.device):
     """Replace the language model's projections (`QUANTIZED_PROJECTIONS`) with bitsandbytes 4-bit NF4
     layers (compute dtype: the model's), then move the model to `device` (CUDA), which quantizes them."""
+    if device.type != "cuda":
+        raise ValueError(f"model.lora.quantize=nf4: needs a CUDA device, got {device}")
+    return nf4_layers(model).to(device)
+
+
+def nf4_layers(model):
+    """`model` with its language model's projections replaced in place by bitsandbytes `Linear4bit` (NF4)
+    layers holding the same weights, not yet quantized (that happens on the move to CUDA)."""
     import re
 
     import bitsandbytes as bnb
 
-    if device.type != "cuda":
-        raise ValueError(f"model.lora.quantize=nf4: needs a CUDA device, got {device}")
     pattern = re.compile(QUANTIZED_PROJECTIONS + "$")
     for name, layer in list(model.named_modules()):
         if not (pattern.match(name) and isinstance(layer, torch.nn.Linear)):
@@ -151,4 +190,5 @@ def quantize_nf4(model, device: torch.device):
             q.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
-    return model.to(device)
+    model.is_loaded_in_4bit = True  # peft then wraps these layers with its bitsandbytes LoRA layer
+    return model

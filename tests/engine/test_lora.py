@@ -115,14 +115,14 @@ def test_merged_model_equals_the_adapted_model(tiny, dtype, tol):
     for m in (model, merged):
         h = janus.policy_hidden(m, m.get_input_embeddings()(ids), mask, janus.positions_from_mask(mask))
         x, w, b = janus.image_head_operands(m, janus.image_head_input(m, h))
-        outs.append((janus.text_logits(m, h).float(), torch.nn.functional.linear(x, w, b).float(),
-                     m.model.generation_head(h).float()))
+        outs.append(tuple(t.detach().float() for t in (janus.text_logits(m, h), torch.nn.functional.linear(x, w, b),
+                                                       m.model.generation_head(h))))
     for got, want in zip(*outs):
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=0, atol=tol * scale)
     torch.testing.assert_close(outs[0][1], outs[0][2], rtol=0, atol=tol * float(outs[0][2].abs().max()))
     # the adapters matter: the base model's logits differ by far more than the tolerance
-    base_logits = torch.nn.functional.linear(h, tiny.lm_head.get_base_layer().weight).float()
+    base_logits = torch.nn.functional.linear(h, tiny.lm_head.get_base_layer().weight).detach().float()
     assert float((base_logits - outs[1][0]).abs().max()) > 10 * tol * float(outs[1][0].abs().max())
 
 
@@ -174,3 +174,51 @@ def test_lora_config_errors_name_the_conflict(tmp_path):
         load_config(None, [run, "model.lora.rank=4", "model.train_modules=[lm_head]"])
     with pytest.raises(ConfigError, match="optim.update"):
         load_config(None, [run, "model.lora.rank=4", "model.dtype=bfloat16", "optim.update=kahan"])
+
+
+def test_nf4_layers_are_the_projections_the_planner_counts(tiny):
+    """On CPU the layers are swapped but not quantized (that happens on the move to CUDA, which the GPU
+    session's lora_4bit stage runs): exactly the language model's projections, same weights, heads untouched,
+    and peft wraps them with its bitsandbytes LoRA layer."""
+    import re
+
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from engine.config import LoraConfig
+    from engine.janus_shapes import linear_shapes
+
+    model = tiny.to(torch.bfloat16)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    lora.nf4_layers(model)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    planned = {n for n in linear_shapes(model.config) if re.fullmatch(lora.QUANTIZED_PROJECTIONS, n)}
+    assert swapped == planned and len(swapped) == 7 * model.config.text_config.num_hidden_layers
+    for n in swapped:
+        assert torch.equal(model.get_submodule(n).weight.data, before[n])
+    lora.add_adapters(model, LoraConfig(rank=4))
+    assert all(isinstance(model.get_submodule(n), LoraLinear4bit) for n in swapped)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    with pytest.raises(ValueError, match="nf4: needs a CUDA device"):
+        lora.quantize_nf4(model, torch.device("cpu"))
+
+
+def test_saved_adapter_loads_back_into_a_fresh_model(tmp_path, tiny):
+    import peft
+
+    from engine.config import LoraConfig
+
+    settings = LoraConfig(rank=3, alpha=6.0, targets=["attention", "generation_head"])
+    fresh = janus.tiny_janus(96, seed=3)
+    for m in (tiny, fresh):
+        lora.add_adapters(m, settings)
+    _randomize_adapters(tiny, 4)
+    lora.save_adapter(tiny, tmp_path / "adapter")
+    loaded = peft.load_peft_weights(str(tmp_path / "adapter"), device="cpu")
+    peft.set_peft_model_state_dict(fresh, loaded, adapter_name="default")
+    want = lora.adapter_state(tiny)
+    assert set(lora.adapter_state(fresh)) == set(want)
+    for n, p in lora.adapter_state(fresh).items():
+        assert torch.equal(p, want[n]), n
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        lora.save_adapter(janus.tiny_janus(96), tmp_path / "none")
