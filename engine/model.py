@@ -343,8 +343,9 @@ def text_head_operands(model, hidden: torch.Tensor):
 
 
 def text_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """[..., H] final hidden states -> [..., V] text logits."""
-    return torch.nn.functional.linear(*text_head_operands(model, hidden))
+    """[..., H] final hidden states -> [..., V] text logits (rollouts: the head's own forward, which for a
+    LoRA-adapted head adds B A x without concatenating [W, B] at every decoded token)."""
+    return model.lm_head(hidden)
 
 
 def image_head_input(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -174,3 +174,16 @@ def test_24gb_config_is_lora_on_a_4bit_base():
     assert cfg.model.lora.rank > 0 and cfg.model.lora.quantize == "nf4"
     assert set(cfg.model.lora.targets) >= {"attention", "mlp", "generation_head"}
     assert (cfg.rollout.group_size, cfg.rollout.cfg_scale, cfg.algo.beta) == (4, 5.0, 0.0)
+
+
+def test_keys_added_after_a_checkpoint_change_nothing_while_at_their_default():
+    """A checkpoint written before optim.update / model.lora existed resumes; a non-default value is a change."""
+    from engine.config import trajectory_changes
+
+    saved = Config().to_dict()
+    del saved["optim"]["update"]
+    del saved["model"]["lora"]
+    assert trajectory_changes(saved, Config().to_dict()) == []
+    changed = Config()
+    changed.model.lora.rank = 4
+    assert trajectory_changes(saved, changed.to_dict()) == ["model.lora.rank: 0 -> 4"]
