@@ -219,7 +219,8 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     # the text embeddings and lm_head are Janus-Pro's largest parameters; a scaled-down model's may be a linear layer
     largest = max([text["vocab"] * h] + [i * o for i, o in (linears or {}).values()])
     step_bytes = {"kahan": 8, "stochastic_rounding": 14}.get(cfg.update, 4 if cfg.master_weights else 0)
-    terms["step"] = 0.0 if cfg.lora_rank else largest * step_bytes / shard
+    # under FSDP the fp32 shards are the masters: the optimizer steps them with no extra copy
+    terms["step"] = 0.0 if cfg.lora_rank or cfg.gpus > 1 else largest * step_bytes
     block = cfg.micro_batch * seq * (10 * h + 4 * inter) * pb  # one block's saved tensors
     if cfg.gradient_checkpointing:
         terms["activations"] = n_layers * cfg.micro_batch * seq * h * pb + block
