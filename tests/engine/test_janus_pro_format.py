@@ -216,6 +216,7 @@ def test_train_on_the_directory_resumes_exactly(janus_pro_dir, toy_world, tmp_pa
     assert "resumed at step 2" in capsys.readouterr().out
     rows = _rows(full)
     assert len(rows) == 3 and _rows(part) == rows  # losses, rewards, grad norms: bit for bit
+    assert any(r["grad_norm"] > 0 for r in rows)  # the policy moved: the resumed steps start from trained weights
 
 
 def test_probe_gradients_runs_on_the_directory(janus_pro_dir, toy_world, tmp_path, capsys):
@@ -226,3 +227,17 @@ def test_probe_gradients_runs_on_the_directory(janus_pro_dir, toy_world, tmp_pat
     data = json.loads((out / "gradient_probe.json").read_text())
     assert len(data["records"]) == 4 and data["groups"] == ["layers.0", "layers.1", "norm"]
     assert "median" in capsys.readouterr().out
+
+
+def test_the_janus_pro_1b_config_trains_on_the_directory(janus_pro_dir, toy_world, tmp_path, capsys):
+    """configs/janus_pro_1b.yaml as the README runs it (bf16 weights, fp32 masters, AdamW8bit, gradient
+    checkpointing), sizes cut down; `pair_qa` for the CLIP reward, whose model is not on disk here."""
+    config = Path(__file__).parents[2] / "configs" / "janus_pro_1b.yaml"
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), f"model.path={janus_pro_dir}", f"data.pairs_path={toy_world}",
+                     f"train.run_dir={run}", "data.pairs_per_step=1", "rollout.group_size=2",
+                     "rollout.max_new_tokens=3", "train.steps=1", "train.progress=false",
+                     "reward.generation=pair_qa"]) == 0
+    (row,) = _rows(run)
+    assert row["step"] == 1 and all(np.isfinite(v) for v in row.values() if isinstance(v, float))
+    assert "PairGRPO: 1 steps" in capsys.readouterr().out
