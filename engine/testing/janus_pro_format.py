@@ -12,13 +12,18 @@ writes), so a test on this directory meets what a user with the real checkpoint 
   LM hidden 64, 2 layers; 32 px images -> 16 image tokens; a 64-entry VQ codebook.
 - generation_config.json: as the converter writes it: `boi_token_id` and `pad_token_id` at the top
   level (no `generation_kwargs`), `guidance_scale` 5, `temperature` 1.
-- model.safetensors: random weights (seeded).
+- model.safetensors: random weights (seeded): transformers' initialisation, except the image-generation
+  path (`_spread_image_path`), redrawn at unit gain so that greedy image tokens vary.
 - tokenizer.json: a byte-level BPE (the `tokenizers` library, trained here on a few strings) whose
   special tokens sit at Janus-Pro's ids relative to the end of the BPE vocabulary `N` (Janus-Pro:
   N = 100000): BOS `<｜begin▁of▁sentence｜>` N, EOS `<｜end▁of▁sentence｜>` N+1, pad `<｜▁pad▁｜>` N+15,
   `<begin_of_image>` N+16, `<image_placeholder>` N+581 (JanusConfig's default image_token_id 100581),
   `<|User|>` N+588, `<|Assistant|>` N+589, `<end_of_image>` N+593; the ids between are filler added
-  tokens. The LM vocabulary is the tokenizer's rounded up to a multiple of 64 (Janus-Pro: 102400).
+  tokens. Of these ids only the image placeholder's is checked against a source here (`JanusConfig`'s
+  default); the others are Janus-Pro's as recalled, not checked offline against the Hub files. The
+  engine reads every id off the tokenizer and the generation config, never a constant, so the tests
+  hold for any layout. The LM vocabulary is the tokenizer's rounded up to a multiple of 64
+  (Janus-Pro: 102400).
 - tokenizer_config.json, special_tokens_map.json: LlamaTokenizerFast, BOS added, pad `<｜▁pad▁｜>`,
   the image tokens as the converter's `extra_special_tokens`; the converter's chat template.
 - preprocessor_config.json: `JanusImageProcessor`, image size = the vision config's, mean = std = 0.5,
