@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import JanusConfig
 
 from engine import cli
 from engine import model as janus
@@ -84,6 +85,8 @@ def test_the_directory_has_the_hub_files_and_janus_special_token_layout(janus_pr
     n = tok.convert_tokens_to_ids(fmt.BOS)
     assert {name: tok.convert_tokens_to_ids(name) - n for name in fmt.SPECIAL_OFFSETS} == fmt.SPECIAL_OFFSETS
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == (fmt.BOS, fmt.EOS, fmt.PAD)
+    assert n + fmt.SPECIAL_OFFSETS[fmt.IMAGE] == engine_model.config.image_token_id
+    assert fmt.SPECIAL_OFFSETS[fmt.IMAGE] == JanusConfig().image_token_id - 100_000  # Janus-Pro's own id
     assert (tok.image_token, tok.boi_token, tok.eoi_token) == (fmt.IMAGE, fmt.BOI, fmt.EOI)
     # what the engine reads off the checkpoint once `complete_generation_config` has run
     assert janus.special_ids(engine_model) == {
@@ -95,6 +98,17 @@ def test_the_directory_has_the_hub_files_and_janus_special_token_layout(janus_pr
     assert ids[0] == n and len(ids) < len(text.encode()) and tok.decode(ids, skip_special_tokens=True) == text
     assert processor.num_image_tokens == janus.image_token_count(engine_model) == 16
     assert processor.image_processor.size["height"] == engine_model.config.vision_config.image_size
+
+
+def test_the_builder_is_deterministic_and_atomic(janus_pro_dir, tmp_path):
+    again = fmt.write_janus_pro_format(tmp_path / "again", seed=0)
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in janus_pro_dir.iterdir()}
+    other = fmt.write_janus_pro_format(tmp_path / "other", seed=1)
+    assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
+    assert (other / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
+    with pytest.raises(FileExistsError, match="out_dir"):
+        fmt.write_janus_pro_format(again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]  # no staging folder left behind
 
 
 def test_engine_and_transformers_load_the_same_weights(engine_model, hf_model):
