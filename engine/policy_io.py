@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,9 @@ def _dcp_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     params = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
               for k, m in meta.items() if k.startswith(prefix) and hasattr(m, "size")}
     loaded = {"model": params}
-    dcp.load(loaded, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+        dcp.load(loaded, storage_reader=reader, no_dist=True)
     yield from loaded["model"].items()
 
 

@@ -205,3 +205,25 @@ def test_toy_workflow_train_export_eval_train(trained_run, toy_world, tmp_path, 
     assert (second / TOY_TOKENIZER_FILE).read_text() == trainer.parts.tokenizer_json
     moved = load_file(str(second / "model.safetensors"))
     assert any(not torch.equal(moved[n], p) for n, p in trainer.model.state_dict().items() if n in moved)
+
+
+def test_a_sharded_checkpoint_exports_its_parameters(trained_run, tmp_path):
+    """A torchrun run's checkpoint (DCP shards; its fp32 shards are the masters) is read whole in one process.
+    Written here by DCP itself without a process group, as a single-rank job would write it."""
+    import torch.distributed.checkpoint as dcp
+
+    from engine.checkpoint_store import write_manifest
+
+    _, run = trained_run
+    ckpt = _checkpoint(run)
+    params = load_file(str(ckpt / "policy.safetensors"))
+    g = torch.Generator().manual_seed(11)
+    params = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in params.items()}  # not the policy file's
+    sharded = tmp_path / "step_000002"
+    dcp.save({"model": params}, checkpoint_id=str(sharded), no_dist=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    (sharded / "state.json").write_text(json.dumps({**state, "format": "dcp", "world_size": 1}))
+    write_manifest(sharded, 2)
+    assert export.main([str(sharded), "--out", str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(written[n], t) for n, t in params.items())
