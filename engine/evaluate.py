@@ -222,33 +222,35 @@ def evaluate(model, prompts, pairs: list, cfg, *, images, seed: int = 0, samples
     model.eval()
     questions, prompt_rows, grid_images = [], [], []
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), \
-            tqdm(total=len(und_chunks) + len(gen_chunks), desc="eval", unit="batch", disable=not progress,
-                 leave=False) as bar:
-        for c in und_chunks:
-            batch = und[c]
-            texts = answer_questions(model, prompts, torch.stack([images(s) for s in batch]),
-                                     [s.question for s in batch], max_new_tokens=cfg.rollout.max_new_tokens)
-            correct = accuracy(rewards.RewardInput(samples=batch, texts=texts)).tolist()
-            questions += [{"id": s.source_id, "tag": s.tag, "answer": s.answer, "predicted": t, "correct": r}
-                          for s, t, r in zip(batch, texts, correct)]
-            bar.update(1)
-        for c in gen_chunks:
-            batch = gen[c]
-            rows = [s for s in batch for _ in range(samples)]
-            ro = generation_rollouts(model, prompts, [s.prompt for s in rows],
-                                     seeds[c.start * samples: c.stop * samples], cfg.rollout, device=device, decode=True)
-            scores = generation_reward(rewards.RewardInput(samples=rows, images=ro.images)).tolist()
-            pixels = ro.images.float().cpu().view(len(batch), samples, *ro.images.shape[1:])
-            for i, s in enumerate(batch):
-                checks = [attribute_checks(im, s.meta.get("attributes") or {}) for im in pixels[i]]
-                prompt_rows.append({"id": s.source_id, "tag": s.tag, "prompt": s.prompt,
-                                    "rewards": scores[i * samples:(i + 1) * samples],
-                                    "attributes": None if checks[0] is None else checks})
-                if grid and len(grid_images) < GRID_PROMPTS:
-                    grid_images.append(pixels[i])
-            bar.update(1)
-    model.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=devices), \
+                tqdm(total=len(und_chunks) + len(gen_chunks), desc="eval", unit="batch", disable=not progress,
+                     leave=False) as bar:
+            for c in und_chunks:
+                batch = und[c]
+                texts = answer_questions(model, prompts, torch.stack([images(s) for s in batch]),
+                                         [s.question for s in batch], max_new_tokens=cfg.rollout.max_new_tokens)
+                correct = accuracy(rewards.RewardInput(samples=batch, texts=texts)).tolist()
+                questions += [{"id": s.source_id, "tag": s.tag, "answer": s.answer, "predicted": t, "correct": r}
+                              for s, t, r in zip(batch, texts, correct)]
+                bar.update(1)
+            for c in gen_chunks:
+                batch = gen[c]
+                rows = [s for s in batch for _ in range(samples)]
+                ro = generation_rollouts(model, prompts, [s.prompt for s in rows],
+                                         seeds[c.start * samples: c.stop * samples], cfg.rollout, device=device, decode=True)
+                scores = generation_reward(rewards.RewardInput(samples=rows, images=ro.images)).tolist()
+                pixels = ro.images.float().cpu().view(len(batch), samples, *ro.images.shape[1:])
+                for i, s in enumerate(batch):
+                    checks = [attribute_checks(im, s.meta.get("attributes") or {}) for im in pixels[i]]
+                    prompt_rows.append({"id": s.source_id, "tag": s.tag, "prompt": s.prompt,
+                                        "rewards": scores[i * samples:(i + 1) * samples],
+                                        "attributes": None if checks[0] is None else checks})
+                    if grid and len(grid_images) < GRID_PROMPTS:
+                        grid_images.append(pixels[i])
+                bar.update(1)
+    finally:
+        model.train(was_training)
     name = cfg.reward.generation
     info = {"seed": seed, "samples": samples, "batch_rows": batch_rows, "generation_reward": name,
             "understanding": "greedy answer, accuracy", "cfg_scale": cfg.rollout.cfg_scale,
