@@ -75,7 +75,8 @@ class DataConfig:
     data.image_root, else the file's folder). Exclusive with eval_fraction."""
     eval_fraction: float = 0.0
     """Keep this fraction of the pairs (after max_pairs; at least one) out of training, chosen by train.seed,
-    for `train.eval_every` (0: train on every pair). Exclusive with eval_pairs_path."""
+    for `train.eval_every` (0: train on every pair); they are written to run_dir/eval/heldout_pairs.jsonl for
+    `pairuni eval --pairs`. Exclusive with eval_pairs_path."""
 
 
 @dataclass

@@ -44,6 +44,22 @@ GRID_PROMPTS = 16
 ATTRIBUTES = ("color", "shape", "count")
 OVERALL = "overall"
 UNTAGGED = "(untagged)"
+#: The pairs data.eval_fraction held out, written into run_dir/eval/ at the start of training.
+HELDOUT_FILE = "heldout_pairs.jsonl"
+
+
+def write_pairs_elsewhere(pairs: list, root: str | Path, path: str | Path) -> None:
+    """Write `pairs` (images relative to `root`) as a PairUG file at `path` with absolute image paths, so
+    `pairuni eval --pairs path` finds the images wherever the file (a run folder set aside) moves."""
+    import dataclasses
+
+    from .data.io import resolve_image_path, write_pairs
+
+    def absolute(sample):
+        return dataclasses.replace(sample, image_path=str(resolve_image_path(sample.image_path, root).resolve()))
+
+    write_pairs(path, [dataclasses.replace(p, understand=absolute(p.understand), generate=absolute(p.generate))
+                       for p in pairs])
 
 
 # ----------------------------------------------------------------------------- toy-world attribute score

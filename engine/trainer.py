@@ -343,6 +343,10 @@ class PairGRPOTrainer:
                 log.warning("train.on_existing=%s: the earlier run in %s moved to %s", self.cfg.train.on_existing,
                             self.run_dir, earlier)
             write_json(self.run_dir / "config.json", self.cfg.to_dict())
+            if self.cfg.data.eval_fraction > 0:  # the held-out pairs, for `pairuni eval --pairs` later
+                from .evaluate import HELDOUT_FILE, write_pairs_elsewhere
+
+                write_pairs_elsewhere(self.parts.eval_pairs, self.parts.eval_root, self.run_dir / "eval" / HELDOUT_FILE)
         end = self.cfg.train.steps if steps is None else self.step + steps
         self.metrics_log = metrics_log = MetricsLog(self.run_dir, self.step, enabled=main)
         t0 = time.perf_counter()

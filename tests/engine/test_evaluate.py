@@ -15,7 +15,8 @@ from engine.build import image_cache
 from engine.config import ConfigError, data_splits, load_config
 from engine.data import toyworld
 from engine.data.io import read_pairs
-from engine.evaluate import GRID_PROMPTS, attribute_checks, attribute_score, evaluate
+from engine.evaluate import GRID_PROMPTS, HELDOUT_FILE, attribute_checks, attribute_score, evaluate
+from engine.preflight import set_aside
 from engine.trainer import PairGRPOTrainer
 
 
@@ -154,5 +155,13 @@ def test_evaluation_during_training_leaves_the_trajectory_unchanged(toy_world, t
     assert "eval/images" in events.Tags()["images"]
     assert [e.step for e in events.Images("eval/images")] == [1, 2]
     assert "eval/understanding_accuracy" in events.Tags()["scalars"]
-    assert not (plain / "eval").exists()
+    assert [p.name for p in (plain / "eval").iterdir()] == [HELDOUT_FILE]  # no evaluation without eval_every
     assert GRID_PROMPTS >= 4
+    aside = set_aside(evaluated)  # train.on_existing=set_aside moves the evaluations with the rest of the run
+    assert not (evaluated / "eval").exists() and (aside / "eval" / "step_000001.png").is_file()
+    # the held-out pairs are written for a later `pairuni eval --pairs`, their images found from there
+    held = aside / "eval" / HELDOUT_FILE
+    expected = data_splits(load_config(None, tiny_overrides(toy_world, tmp_path / "x", **split))).eval
+    assert [p.to_record()["generate_ann"]["id"] for p in read_pairs(held)] == [p.generate.source_id for p in expected]
+    for p, q in zip(read_pairs(held), expected):
+        assert Path(p.understand.image_path) == (Path(toy_world).parent / q.understand.image_path).resolve()
