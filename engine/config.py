@@ -17,6 +17,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -564,9 +565,9 @@ class DataSplits:
     empty without data.eval_pairs_path / data.eval_fraction)."""
 
     train: list
-    root: typing.Any
+    root: Path
     eval: list
-    eval_root: typing.Any
+    eval_root: Path
 
 
 def _read_checked(cfg: Config, path: str, key: str, max_pairs: int | None):
