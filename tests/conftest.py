@@ -50,3 +50,12 @@ def gen():
     seed = int(choice) if replay else int.from_bytes(os.urandom(4), "little")
     print(f"PAIRUNI_RANDOM_SEED={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def janus_pro_dir(tmp_path_factory):
+    """A directory in the format of `deepseek-community/Janus-Pro-1B` with tiny random weights, written
+    once per session (engine/testing/janus_pro_format.py; seed 0)."""
+    from engine.testing.janus_pro_format import write_janus_pro_format
+
+    return write_janus_pro_format(tmp_path_factory.mktemp("janus_pro") / "Janus-Pro-tiny", seed=0)
