@@ -227,3 +227,36 @@ def test_a_sharded_checkpoint_exports_its_parameters(trained_run, tmp_path):
     assert export.main([str(sharded), "--out", str(tmp_path / "out"), "--dtype", "float32"]) == 0
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(written[n], t) for n, t in params.items())
+
+
+def test_janus_pro_format_train_export_reload_eval_train(janus_pro_dir, toy_world, tmp_path, tiny_overrides, capsys):
+    """On a directory in the exact Janus-Pro-1B format: bf16 training with fp32 masters -> export -> transformers
+    loads the model and the processor (whose prompts equal the original's) -> eval -> training continues."""
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    small = {"model.path": str(janus_pro_dir), "data.pairs_per_step": 1, "rollout.group_size": 2,
+             "model.dtype": "bfloat16", "optim.master_weights": "true"}
+    run = tmp_path / "run"
+    assert cli.main(["train", *tiny_overrides(toy_world, run, **small)]) == 0
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    masters = load_file(str(_checkpoint(run) / "master.safetensors"))
+    written = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(written[n], m.to(torch.bfloat16)) for n, m in masters.items())
+    reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.generation_config.generation_kwargs["boi_token_id"] is not None
+    ours, theirs = (JanusProcessor.from_pretrained(d, local_files_only=True) for d in (out, janus_pro_dir))
+    chat = [{"role": "user", "content": [{"type": "text", "text": "two blue squares"}]}]
+    text = theirs.apply_chat_template(chat, add_generation_prompt=True)
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == text
+    assert torch.equal(ours(text=[text], return_tensors="pt")["input_ids"], theirs(text=[text], return_tensors="pt")["input_ids"])
+    carried = export.carried_files(Path(janus_pro_dir))
+    assert {"tokenizer.json", "preprocessor_config.json", "chat_template.json"} <= {p.name for p in carried}
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in carried)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(out), "--pairs", str(toy_world), "--samples", "2", "--max-pairs", "2",
+                     "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]["overall"]["images"] == 4
+    again = tmp_path / "again"
+    assert cli.main(["train", *tiny_overrides(toy_world, again, **{**small, "model.path": str(out), "train.steps": 1})]) == 0
