@@ -3,7 +3,7 @@
     parts = build_components(cfg)            # what `PairGRPOTrainer.from_config(cfg)` runs
     trainer = PairGRPOTrainer(cfg, parts)
 
-Order matters for the user: the pairs are read and checked (`config.validated_pairs`) before any
+Order matters for the user: the pairs are read and checked (`config.data_splits`) before any
 model loads, so a data error costs seconds, not a model load. `assemble` takes an already built
 model and prompts (benchmarks build random-weight Janus-Pro shapes themselves) and does the rest.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,13 +22,13 @@ from . import checkpoint, distributed, lora, rewards
 from . import model as janus
 from .checkpoint import Checkpointer
 from .checkpoint_store import ResumePoint
-from .config import Config, start_point, validated_pairs
-from .data import toyworld
+from .config import Config, data_splits, start_point
 from .data.sampler import ImageCache, PairSampler
 from .optim import PolicyOptimizer
 from .policy import TASKS
+from .policy_io import load_policy, tiny_policy
 from .rollout import answer_questions
-from .text import JanusPrompts, ToyPrompts, ToyTokenizer, load_image
+from .text import ToyTokenizer, load_image
 
 log = logging.getLogger("pairuni.build")
 
@@ -39,7 +39,8 @@ class Components:
 
     model: the policy (its parameters are DTensor shards under torchrun); fsdp: the FSDP2 root or None;
     ref_model: frozen copy of the initial policy when algo.beta > 0, else None; rewards: {task: reward};
-    tokenizer_json: the toy tokenizer's vocabulary (tiny model only; stored in every checkpoint).
+    tokenizer_json: the toy tokenizer's vocabulary (tiny model only; stored in every checkpoint);
+    eval_pairs, eval_root: the held-out pairs `train.eval_every` evaluates on and their image root (none: []).
     """
 
     model: torch.nn.Module
@@ -56,11 +57,14 @@ class Components:
     ref_model: torch.nn.Module | None = None
     tokenizer_json: str | None = None
     resume: ResumePoint | None = None
+    eval_pairs: list = field(default_factory=list)
+    eval_root: Path | None = None
 
 
 def build_components(cfg: Config) -> Components:
     """Read the pairs, start the process group under torchrun, load or build the model, then `assemble`."""
-    pairs, root = validated_pairs(cfg)
+    splits = data_splits(cfg)
+    pairs, root = splits.train, splits.root
     start = start_point(cfg)  # checksums verified here, still before the model loads
     for skipped in start.skipped:
         log.warning("resume: skipped %s", skipped)
@@ -68,42 +72,33 @@ def build_components(cfg: Config) -> Components:
         torch.set_num_threads(cfg.train.num_threads)
     env = distributed.init_from_env(cfg.train.device)  # torchrun: process group + this rank's device
     device = env.device if env is not None else distributed.resolve_device(cfg.train.device)
-    tokenizer_json = None
     nf4 = cfg.model.lora.quantize == "nf4"
     load_device = torch.device("cpu") if nf4 else device  # quantize_nf4 quantizes on the way to the GPU
     if cfg.model.path is None:
-        model, prompts, tok = tiny_policy(cfg, pairs, load_device, start.path)
-        tokenizer_json = tok.to_json()
-    else:
-        model = janus.load_janus(cfg.model.path, dtype=cfg.model.dtype, device=load_device,
-                                 attn_implementation=cfg.model.attn_implementation)
-        prompts = JanusPrompts(cfg.model.path)
-        janus.complete_generation_config(model, prompts.processor.tokenizer)
+        model, prompts, tokenizer_json = tiny_run_policy(cfg, pairs, load_device, start.path)
+    else:  # Janus-Pro, or a folder `pairuni export` wrote from a tiny-model run (toy prompts)
+        policy = load_policy(cfg.model.path, dtype=cfg.model.dtype, device=load_device,
+                             attn_implementation=cfg.model.attn_implementation, key="model.path")
+        model, prompts, tokenizer_json = policy.model, policy.prompts, policy.tokenizer_json
     if nf4:
         model = lora.quantize_nf4(model, device)
-    return assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json, resume=start)
+    parts = assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json, resume=start)
+    parts.eval_pairs, parts.eval_root = splits.eval, splits.eval_root
+    return parts
 
 
-def tiny_policy(cfg: Config, pairs: list, device: torch.device, resume_from: Path | None = None):
-    """(tiny random Janus, toy prompts, toy tokenizer). The tokenizer is that of the checkpoint the run
+def tiny_run_policy(cfg: Config, pairs: list, device: torch.device, resume_from: Path | None = None):
+    """(tiny random Janus, toy prompts, toy tokenizer JSON). The tokenizer is that of the checkpoint the run
     resumes from, or one built from the pairs' words, so a resumed run reads its text with the same ids."""
-    latest = resume_from
-    if latest is not None:
-        tok = ToyTokenizer.from_json(checkpoint.read_state(latest)["tokenizer"])
+    if resume_from is not None:
+        tok = ToyTokenizer.from_json(checkpoint.read_state(resume_from)["tokenizer"])
     else:
         tok = ToyTokenizer.from_texts([t for p in pairs for t in (p.understand.question, p.understand.answer,
                                                                   p.generate.prompt, p.generate.question,
                                                                   p.generate.answer)])
-    palette = None
-    if cfg.model.tiny_palette:
-        n_codes = janus.tiny_janus_config(len(tok)).vq_config.num_embeddings
-        palette = janus.codebook_palette([toyworld.BACKGROUND, *toyworld.COLORS.values()], n_codes,
-                                         seed=cfg.model.tiny_seed)
-    model = janus.tiny_janus(len(tok), seed=cfg.model.tiny_seed, palette=palette)
-    log.info("model: tiny random Janus (vocab %d), attention sdpa", len(tok))
-    model = model.to(device=device, dtype=janus.DTYPES[cfg.model.dtype])
-    vis = model.config.vision_config
-    return model, ToyPrompts(tok, image_size=vis.image_size, num_image_tokens=vis.num_image_tokens), tok
+    m = cfg.model
+    model, prompts = tiny_policy(tok, device, dtype=m.dtype, seed=m.tiny_seed, palette=m.tiny_palette)
+    return model, prompts, tok.to_json()
 
 
 def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
@@ -132,17 +127,25 @@ def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
         fsdp = distributed.shard_model(model, env, param_dtype=dc.param_dtype, reduce_dtype=dc.reduce_dtype,
                                        reshard_after_forward=dc.reshard_after_forward)
     optimizer = PolicyOptimizer(model, cfg.optim, device, seed=cfg.train.seed)
+    return Components(
+        model=model, prompts=prompts, pairs=pairs,
+        sampler=PairSampler(pairs, cfg.data.pairs_per_step, cfg.train.seed, cfg.data.shuffle),
+        images=image_cache(data_root, prompts), optimizer=optimizer, rewards=build_rewards(cfg, model, prompts, device),
+        checkpoints=Checkpointer(cfg.train.run_dir, model, optimizer, fsdp), device=device, dist=env, fsdp=fsdp,
+        ref_model=ref_model, tokenizer_json=tokenizer_json, resume=resume)
+
+
+def build_rewards(cfg: Config, model, prompts, device: torch.device) -> dict:
+    """{task: reward} of `cfg.reward`; a reward that asks the policy gets its greedy `answer_questions`."""
     answer = functools.partial(answer_questions, model, prompts, max_new_tokens=cfg.rollout.max_new_tokens)
     task_rewards = {}
     for task in TASKS:
         name = getattr(cfg.reward, task)
         asks_policy = {"answer_fn": answer} if rewards.reward_needs(name).policy else {}
         task_rewards[task] = rewards.build_reward(name, cfg.reward, device=device, **asks_policy)
-    return Components(
-        model=model, prompts=prompts, pairs=pairs,
-        sampler=PairSampler(pairs, cfg.data.pairs_per_step, cfg.train.seed, cfg.data.shuffle),
-        images=ImageCache(data_root, prompts.image_size,
-                          functools.partial(load_image, background=prompts.background_color)),
-        optimizer=optimizer, rewards=task_rewards,
-        checkpoints=Checkpointer(cfg.train.run_dir, model, optimizer, fsdp), device=device, dist=env, fsdp=fsdp,
-        ref_model=ref_model, tokenizer_json=tokenizer_json, resume=resume)
+    return task_rewards
+
+
+def image_cache(root: Path, prompts) -> ImageCache:
+    """Understanding images under `root`, loaded as `prompts`' vision encoder sees them (size, padding colour)."""
+    return ImageCache(root, prompts.image_size, functools.partial(load_image, background=prompts.background_color))

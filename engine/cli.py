@@ -12,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: list[str] = ["engine.train_cli", "engine.data.cli", "engine.plan", "engine.probe"]
+COMMAND_MODULES: list[str] = ["engine.train_cli", "engine.data.cli", "engine.plan", "engine.probe", "engine.export",
+                              "engine.evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import yaml
@@ -94,6 +95,13 @@ class DataConfig:
     """Visit pairs in a seeded random order, reshuffled each epoch."""
     max_pairs: int | None = 8
     """Use only the first max_pairs pairs of the file (None: all). The tiny demo uses 8."""
+    eval_pairs_path: str | None = None
+    """PairUG JSONL file of held-out pairs that `train.eval_every` evaluates on (images resolved against
+    data.image_root, else the file's folder). Exclusive with eval_fraction."""
+    eval_fraction: float = 0.0
+    """Keep this fraction of the pairs (after max_pairs; at least one) out of training, chosen by train.seed,
+    for `train.eval_every` (0: train on every pair); they are written to run_dir/eval/heldout_pairs.jsonl for
+    `pairuni eval --pairs`. Exclusive with eval_pairs_path."""
 
 
 @dataclass
@@ -210,6 +218,12 @@ class TrainConfig:
     """Show a tqdm progress bar."""
     num_threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+    eval_every: int = 0
+    """Evaluate the policy on the held-out pairs (data.eval_pairs_path or data.eval_fraction) every N steps:
+    understanding accuracy, generation reward, per tag, logged as eval/* in metrics.jsonl and TensorBoard, and
+    a grid of generated images in run_dir/eval/ (0: never). Uses its own seeds: training is unchanged."""
+    eval_samples: int = 4
+    """Images generated per held-out prompt at each evaluation."""
 
 
 @dataclass
@@ -342,7 +356,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
     check=False checks keys and types only, not values or files (`pairuni plan` reads a run's config
     before its model and data are downloaded)."""
-    cfg = Config()
+    cfg = _layered(Config(), path, overrides)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def _layered(cfg: Config, path: str | None, overrides) -> Config:
+    """`cfg` <- YAML file <- `key=value` overrides (keys and types checked)."""
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config: no such file {path!r}")
@@ -354,8 +375,31 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         _apply(cfg, data)
     for text in overrides:
         _apply(cfg, parse_override(text))
-    if check:
-        validate(cfg)
+    return cfg
+
+
+#: Sections of an evaluated run's config that `pairuni eval` takes over (how it samples and scores).
+EVAL_SECTIONS = ("rollout", "reward")
+
+
+def eval_config(saved: dict | None, path: str | None = None, overrides=(), *, pairs_path: str | None,
+                device: str = "auto", max_pairs: int | None = None, out: str | None = None) -> Config:
+    """The config `pairuni eval` runs with: the evaluated run's rollout and reward settings (`saved`: that run's
+    config as a dict, when known; keys this engine does not know are ignored), then the YAML file and the
+    `key=value` overrides, then the evaluation's own pairs file and device. Validated as a run is (the model
+    comes from --model, not model.path); raises ConfigError."""
+    cfg = Config()
+    for section in EVAL_SECTIONS:
+        known = _field_types(type(getattr(cfg, section)))
+        values = {k: v for k, v in ((saved or {}).get(section) or {}).items() if k in known}
+        _apply(getattr(cfg, section), values, f"{section}.")
+    cfg = _layered(cfg, path, overrides)
+    _check(pairs_path is None or os.path.isfile(pairs_path), "--pairs", "an existing JSONL file", pairs_path)
+    d, t = cfg.data, cfg.train
+    d.pairs_path, d.max_pairs, d.pairs_per_step, d.eval_pairs_path, d.eval_fraction = pairs_path, max_pairs, 1, None, 0.0
+    cfg.model.path = None
+    t.device, t.resume, t.eval_every, t.run_dir = device, False, 0, out or "."
+    validate(cfg)
     return cfg
 
 
@@ -437,6 +481,7 @@ def validate(cfg: Config) -> None:
         value = getattr(dc, key)
         _check(value is None or value in DTYPES, f"distributed.{key}", f"null or one of {tuple(DTYPES)}", value)
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    _validate_eval(cfg)
     _check(t.on_existing in ON_EXISTING, "train.on_existing", " | ".join(ON_EXISTING), t.on_existing)
     _preflight(check_device, t.device)
     _preflight(check_run_dir, t.run_dir)
@@ -471,6 +516,19 @@ def _validate_lora(cfg: Config) -> None:
                "(the 4-bit layers compute in model.dtype)", cfg.model.dtype)
         _check_importable("model.lora.quantize", "nf4", "bitsandbytes", "pip install bitsandbytes")
     _check_importable("model.lora.rank", str(lo.rank), "peft", "pip install peft")
+
+
+def _validate_eval(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    _check(d.eval_pairs_path is None or os.path.isfile(d.eval_pairs_path), "data.eval_pairs_path",
+           "an existing JSONL file", d.eval_pairs_path)
+    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
+    _check(d.eval_pairs_path is None or d.eval_fraction == 0, "data.eval_fraction",
+           "0 when data.eval_pairs_path is set (one held-out split)", d.eval_fraction)
+    _check(t.eval_every >= 0, "train.eval_every", "an integer >= 0", t.eval_every)
+    _check(t.eval_every == 0 or d.eval_pairs_path is not None or d.eval_fraction > 0, "train.eval_every",
+           "0 without held-out pairs (set data.eval_pairs_path or data.eval_fraction)", t.eval_every)
+    _check(t.eval_samples >= 1, "train.eval_samples", "an integer >= 1", t.eval_samples)
 
 
 def _preflight(check, *args) -> None:
@@ -568,23 +626,62 @@ def _half(pair, task: str):
     return pair.understand if task == "understanding" else pair.generate
 
 
-def validated_pairs(cfg: Config):
-    """(pairs, image root) of `cfg.data`, each pair checked for what the rollouts and both rewards read.
+@dataclass
+class DataSplits:
+    """The pairs of a run: `train` (image root `root`) and the held-out `eval` pairs (image root `eval_root`;
+    empty without data.eval_pairs_path / data.eval_fraction)."""
 
-    Reads only the pairs file and checks image files exist: call it before any model loads.
-    """
-    path = cfg.data.pairs_path or str(default_pairs_path())
+    train: list
+    root: Path
+    eval: list
+    eval_root: Path
+
+
+def _read_checked(cfg: Config, path: str, key: str, max_pairs: int | None):
     names = [cfg.reward.understanding, cfg.reward.generation]
     checks = [lambda pair, name=name: rewards.check_sample(name, _half(pair, rewards.reward_needs(name).task))
               for name in names]
     try:
-        pairs, root = read_training_pairs(path, max_pairs=cfg.data.max_pairs, image_root=cfg.data.image_root,
-                                          checks=checks)
+        return read_training_pairs(path, max_pairs=max_pairs, image_root=cfg.data.image_root, checks=checks)
     except (ValueError, OSError) as exc:
-        raise ConfigError(f"data.pairs_path: {exc}") from None
-    _check(len(pairs) >= cfg.data.pairs_per_step, "data.pairs_per_step", f"at most the {len(pairs)} pairs in {path}",
-           cfg.data.pairs_per_step)
-    return pairs, root
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+#: Added to train.seed to choose the held-out pairs of data.eval_fraction.
+EVAL_SPLIT_SEED = 104_729
+
+
+def data_splits(cfg: Config) -> DataSplits:
+    """The training and held-out pairs of `cfg.data`, each pair checked for what the rollouts and both
+    rewards read. Reads only the pairs files and checks image files exist: call it before any model loads.
+
+    data.eval_fraction holds out max(1, round(n * fraction)) of the n pairs, drawn by train.seed; the
+    training pairs keep their file order."""
+    d = cfg.data
+    path = d.pairs_path or str(default_pairs_path())
+    pairs, root = _read_checked(cfg, path, "data.pairs_path", d.max_pairs)
+    held, eval_root = [], root
+    if d.eval_fraction > 0:
+        import torch
+
+        n_eval = max(1, round(len(pairs) * d.eval_fraction))
+        _check(n_eval < len(pairs), "data.eval_fraction", f"a fraction that leaves training pairs of the {len(pairs)}",
+               d.eval_fraction)
+        g = torch.Generator().manual_seed(cfg.train.seed + EVAL_SPLIT_SEED)
+        out = set(torch.randperm(len(pairs), generator=g)[:n_eval].tolist())
+        held = [p for i, p in enumerate(pairs) if i in out]
+        pairs = [p for i, p in enumerate(pairs) if i not in out]
+    elif d.eval_pairs_path is not None:
+        held, eval_root = _read_checked(cfg, d.eval_pairs_path, "data.eval_pairs_path", None)
+    what = f"the {len(pairs)} training pairs in {path}" if held and d.eval_fraction > 0 else f"the {len(pairs)} pairs in {path}"
+    _check(len(pairs) >= d.pairs_per_step, "data.pairs_per_step", f"at most {what}", d.pairs_per_step)
+    return DataSplits(pairs, root, held, eval_root)
+
+
+def validated_pairs(cfg: Config):
+    """(training pairs, image root) of `cfg.data` (see `data_splits`)."""
+    splits = data_splits(cfg)
+    return splits.train, splits.root
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -594,7 +691,8 @@ def dump_yaml(cfg: Config) -> str:
 # Keys a resumed run may change: none of them alters what a step computes (or which steps run,
 # beyond how many). Every other key is part of the trajectory that "exact resume" promises.
 RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.progress", "train.resume", "train.run_dir",
-                               "train.on_existing", "train.max_bad_steps"})
+                               "train.on_existing", "train.max_bad_steps", "train.eval_every", "train.eval_samples",
+                               "data.eval_pairs_path"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, typing.Any]:
@@ -608,11 +706,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, typing.Any]:
 
 
 def trajectory_changes(saved: dict, current: dict) -> list[str]:
-    """`key: saved -> current` for every key outside RESUME_MAY_CHANGE whose value differs."""
-    old, new = _flatten(saved), _flatten(current)
-    # a key added after the checkpoint was written changes nothing while it holds its default
-    defaults = _flatten(Config().to_dict())
-    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
+    """`key: saved -> current` for every key outside RESUME_MAY_CHANGE whose value differs. A key the saved
+    config lacks (written before the key existed) counts as its default, which is what that run did."""
+    old, new = {**_flatten(Config().to_dict()), **_flatten(saved)}, _flatten(current)
     missing = object()
     return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
             for key in sorted(old.keys() | new.keys())

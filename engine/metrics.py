@@ -1,7 +1,9 @@
 """What a run reports: metrics.jsonl, TensorBoard scalars, the reward-curve PNG, the end-of-run summary.
 
 One row per step (`PairGRPOTrainer.train_step`): the step, mean rewards, the loss statistics of
-the last inner epoch per task, the gradient norm, timings and (CUDA) peak memory. Only rank 0
+the last inner epoch per task, the gradient norm, timings, (CUDA) peak memory and, at an evaluation
+step (`train.eval_every`), the `eval/*` numbers of engine/evaluate.py (whose image grid goes to
+TensorBoard as an image). Only rank 0
 writes; a resumed run drops the rows after its checkpoint (when its first step has succeeded,
 never before), so the file reads like one run.
 """
@@ -66,6 +68,13 @@ class MetricsLog:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k.replace(".", "/"), v, row["step"])
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image in TensorBoard under `tag` at `step` (no-op without TensorBoard or off rank 0)."""
+        if self.enabled and self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def plot(self) -> Path | None:
         if not self.enabled:

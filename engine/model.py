@@ -1,6 +1,6 @@
 """Janus-Pro as the engine sees it: loading, a tiny random twin, what trains, and the forward pieces.
 
-    model, text = load_policy(cfg.model, pairs)         # local HF dir, or the tiny random Janus
+    policy = load_policy(path)                          # engine/policy_io.py: model folder, checkpoint or run
     hidden = policy_hidden(model, embeds, attention_mask, position_ids)
 
 The engine never calls `JanusForConditionalGeneration.forward`: it builds input embeddings
@@ -120,12 +120,17 @@ def tiny_janus(vocab_size: int = 128, *, seed: int = 0, palette=None, **kwargs):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = JanusForConditionalGeneration(config)
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = TINY_SPECIAL.bos, TINY_SPECIAL.eos, TINY_SPECIAL.pad
-    gc.generation_kwargs = {"boi_token_id": TINY_SPECIAL.boi}
+    set_tiny_generation_config(model)
     if palette is not None:
         paint_vq_decoder(model, palette)
     return model.eval()
+
+
+def set_tiny_generation_config(model) -> None:
+    """Give `model` the toy tokenizer's special ids for image generation (BOS, EOS, pad, begin-of-image)."""
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = TINY_SPECIAL.bos, TINY_SPECIAL.eos, TINY_SPECIAL.pad
+    gc.generation_kwargs = {"boi_token_id": TINY_SPECIAL.boi}
 
 
 def codebook_palette(colors, size: int, *, seed: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
 # What a run leaves in its folder; anything of these present means "this folder holds a run".
-HISTORY_FILES = ("metrics.jsonl", "config.json", "checkpoints", "tb", "reward_curve.png")
+HISTORY_FILES = ("metrics.jsonl", "config.json", "checkpoints", "tb", "reward_curve.png", "eval")
 
 
 class PreflightError(ValueError):

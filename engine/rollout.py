@@ -286,6 +286,26 @@ def concat_rollouts(parts: list):
     return type(parts[0])(**out)
 
 
+def row_chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` of `n` rows (size 0: one slice of all rows)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def generation_rollouts(model, prompts, captions: list[str], seeds: torch.Tensor, settings, *,
+                        device: torch.device, decode: bool | None = None) -> GenerationRollout:
+    """CFG image rollouts of `captions` (one row each, rows already repeated G times; seeds [B], one per row)
+    with the `rollout.*` settings (`engine.config.RolloutConfig`), in row chunks of `settings.max_batch`.
+    decode: VQ-decode the images (None: settings.decode_images)."""
+    r = settings
+    decode = r.decode_images if decode is None else decode
+    ids, mask = prompts.generation(captions)
+    return concat_rollouts([rollout_generation(
+        model, ids[c].to(device), mask[c].to(device), cfg_scale=r.cfg_scale, temperature=r.image_temperature,
+        top_k=r.image_top_k, top_p=r.image_top_p, seeds=seeds[c], image_logprob=r.image_logprob,
+        decode=decode, compile=r.compile) for c in row_chunks(len(captions), r.max_batch)])
+
+
 def answer_questions(model, prompts, images: torch.Tensor, questions: list[str], *, max_new_tokens: int) -> list[str]:
     """The policy's greedy answers to `questions` about `images` [B, 3, S, S] (rewards that ask the policy)."""
     device = next(model.parameters()).device

@@ -36,21 +36,16 @@ from pairuni_kernels.policy_loss import loss_denominator
 
 from . import distributed
 from .build import Components, build_components
+from .checkpoint_store import step_name
 from .config import Config
 from .data.io import write_json
 from .metrics import MetricsLog, summarize
 from .policy import TASKS, task_mask, task_view
 from .preflight import history_of, set_aside
 from .rewards import RewardInput
-from .rollout import concat_rollouts, rollout_generation, rollout_seeds, rollout_understanding
+from .rollout import concat_rollouts, generation_rollouts, rollout_seeds, rollout_understanding, row_chunks
 
 log = logging.getLogger("pairuni.trainer")
-
-
-def row_chunks(n: int, size: int) -> list[slice]:
-    """Consecutive slices of at most `size` of `n` rows (size 0: one slice of all rows)."""
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def chunk_share(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor,
@@ -104,6 +99,7 @@ class PairGRPOTrainer:
         self.metrics_log: MetricsLog | None = None  # open while `train` runs
         self.step = 0
         self.bad_steps = 0  # steps in a row whose every update was skipped as non-finite
+        self._eval_images = None  # image cache of the held-out pairs, built at the first evaluation
 
     @classmethod
     def from_config(cls, cfg: Config) -> PairGRPOTrainer:
@@ -127,6 +123,10 @@ class PairGRPOTrainer:
                         for r in (batch.rewards_und, batch.rewards_gen))
         row = {"step": step, "reward.understanding": r_und, "reward.generation": r_gen, **metrics,
                "time.rollout_s": t1 - t0, "time.update_s": time.perf_counter() - t1}
+        if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0:
+            t2 = time.perf_counter()
+            row.update(self.evaluate(step))
+            row["time.eval_s"] = time.perf_counter() - t2
         if self.device.type == "cuda":
             row["mem.peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -187,12 +187,8 @@ class PairGRPOTrainer:
             for c in row_chunks(len(samples), r.max_batch)])
 
     def _generation_rollouts(self, samples: list, seeds: torch.Tensor):
-        r, dev = self.cfg.rollout, self.device
-        ids, mask = self.prompts.generation([s.prompt for s in samples])
-        return concat_rollouts([rollout_generation(
-            self.model, ids[c].to(dev), mask[c].to(dev), cfg_scale=r.cfg_scale, temperature=r.image_temperature,
-            top_k=r.image_top_k, top_p=r.image_top_p, seeds=seeds[c], image_logprob=r.image_logprob,
-            decode=r.decode_images, compile=r.compile) for c in row_chunks(len(samples), r.max_batch)])
+        return generation_rollouts(self.model, self.prompts, [s.prompt for s in samples], seeds, self.cfg.rollout,
+                                   device=self.device)
 
     # ------------------------------------------------------------------ losses (public: the probe uses them)
     def tasks(self) -> list[tuple[str, float]]:
@@ -287,6 +283,28 @@ class PairGRPOTrainer:
             metrics["skipped_updates"] = skipped
         return metrics
 
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> dict:
+        """Evaluate the policy on the held-out pairs (engine/evaluate.py) with seeds of its own, so training
+        continues exactly as without it; rank 0 writes run_dir/eval/step_N.json and .png (the image grid, also
+        to TensorBoard). Every rank evaluates every pair (collective under torchrun). Returns the eval/* numbers."""
+        from .build import image_cache
+        from .evaluate import evaluate
+
+        if self._eval_images is None:
+            self._eval_images = image_cache(self.parts.eval_root, self.prompts)
+        main = distributed.is_main()
+        with distributed.unsharded(self.fsdp):
+            report = evaluate(self.model, self.prompts, self.parts.eval_pairs, self.cfg, images=self._eval_images,
+                              seed=self.cfg.train.seed, samples=self.cfg.train.eval_samples,
+                              generation_reward=self.parts.rewards["generation"],
+                              progress=self.cfg.train.progress and main, settings={"step": step})
+        if main:
+            report.save(self.run_dir / "eval", step_name(step))
+            if self.metrics_log is not None and report.grid is not None:
+                self.metrics_log.image("eval/images", report.grid, step)
+        return report.metrics("eval/")
+
     # ------------------------------------------------------------------ checkpoints and the loop
     def state_extra(self) -> dict:
         extra = {"data": self.sampler.state_dict(), "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
@@ -325,6 +343,10 @@ class PairGRPOTrainer:
                 log.warning("train.on_existing=%s: the earlier run in %s moved to %s", self.cfg.train.on_existing,
                             self.run_dir, earlier)
             write_json(self.run_dir / "config.json", self.cfg.to_dict())
+            if self.cfg.data.eval_fraction > 0:  # the held-out pairs, for `pairuni eval --pairs` later
+                from .evaluate import HELDOUT_FILE, write_pairs_elsewhere
+
+                write_pairs_elsewhere(self.parts.eval_pairs, self.parts.eval_root, self.run_dir / "eval" / HELDOUT_FILE)
         end = self.cfg.train.steps if steps is None else self.step + steps
         self.metrics_log = metrics_log = MetricsLog(self.run_dir, self.step, enabled=main)
         t0 = time.perf_counter()

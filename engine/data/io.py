@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -54,6 +55,49 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh folder beside `target` to fill; on clean exit it replaces `target` (two renames).
+
+    On any exception the stage is removed and `target` is untouched, so `target` is never seen
+    half-written: it is the old folder or the finished new one. A process killed while filling
+    leaves only the hidden stage `.NAME.*` beside `target`. `overwrite=False` refuses (ValueError)
+    a `target` that exists and is not an empty folder, before anything is written.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        stage.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is ordinary data
+        yield stage
+        _swap_into_place(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(stage: Path, target: Path) -> None:
+    """Replace `target` (a folder or a file, when it exists) by the finished `stage` folder with two renames."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    try:
+        os.replace(stage, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 def dumps_line(record: dict[str, Any]) -> str:

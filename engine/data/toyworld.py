@@ -22,10 +22,7 @@ Run: `pairuni toy-world --n 300 --out DIR [--seed 0]`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.data.io import write_json, write_pairs, write_samples
+from engine.data.io import staged_folder, write_json, write_pairs, write_samples
 from engine.data.schema import Pair, Sample, format_multiple_choice
 
 # Attribute vocabulary: the single source of truth for the renderer, the captions and the rewards.
@@ -366,10 +363,7 @@ def generate_toy_world(n: int, out: str | os.PathLike, *, seed: int = 0, size: i
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"out: {target} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        stage.chmod(0o755)  # mkdtemp makes it private; the world is ordinary data
+    with staged_folder(target, overwrite=True) as stage:
         (stage / "images").mkdir()
         rng = np.random.default_rng(seed)
         n_aligned = round(n * aligned_fraction)
@@ -401,10 +395,6 @@ def generate_toy_world(n: int, out: str | os.PathLike, *, seed: int = 0, size: i
         write_samples(stage / "generate.jsonl", generate)
         stats = toy_world_stats(pairs, seed=seed, size=size, delta=delta)
         write_json(stage / "stats.json", stats)
-        _swap_into_place(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return stats
 
 
@@ -421,20 +411,3 @@ def toy_world_stats(pairs: list[Pair], *, seed: int, size: int, delta: float) ->
         "shapes": dict(sorted(Counter(s.meta["attributes"]["shape"] for s in halves).items())),
         "counts": {str(k): v for k, v in sorted(Counter(s.meta["attributes"]["count"] for s in halves).items())},
     }
-
-
-def _swap_into_place(stage: Path, target: Path) -> None:
-    """Replace `target` by the finished `stage` folder with two renames."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    try:
-        os.replace(stage, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old)

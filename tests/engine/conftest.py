@@ -61,3 +61,16 @@ def no_model_loads(monkeypatch):
 
     monkeypatch.setattr(janus, "tiny_janus", boom)
     monkeypatch.setattr(janus, "load_janus", boom)
+
+
+@pytest.fixture(scope="session")
+def trained_run(toy_world, tmp_path_factory, tiny_overrides):
+    """(trainer after 2 steps, run dir): a tiny-model run on the toy world, checkpointed at its last step.
+    Session-scoped: tests read it, never change it (the trainer's model is the checkpoint's policy)."""
+    from engine.config import load_config
+    from engine.trainer import PairGRPOTrainer
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    trainer = PairGRPOTrainer.from_config(load_config(None, tiny_overrides(toy_world, run)))
+    trainer.train()
+    return trainer, run

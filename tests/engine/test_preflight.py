@@ -96,3 +96,19 @@ def test_resume_refuses_trajectory_changes_only():
     assert trajectory_changes(saved, changed) == [
         f"data.max_pairs: {saved['data']['max_pairs']!r} -> 7", f"optim.lr: {saved['optim']['lr']!r} -> 1.0",
         f"rollout.group_size: {saved['rollout']['group_size']!r} -> 4"]
+
+
+def test_resume_of_a_checkpoint_written_before_the_evaluation_keys():
+    """A saved config that lacks a key (written before it existed) counts as that key's default; evaluation
+    settings may change on resume, the held-out fraction (it changes the training pairs) may not."""
+    saved = Config().to_dict()
+    for section, key in (("data", "eval_fraction"), ("data", "eval_pairs_path"), ("train", "eval_every"),
+                         ("train", "eval_samples")):
+        del saved[section][key]
+    assert trajectory_changes(saved, Config().to_dict()) == []
+    later = Config().to_dict()
+    later["train"].update(eval_every=5, eval_samples=2)
+    later["data"]["eval_pairs_path"] = "heldout.jsonl"
+    assert trajectory_changes(saved, later) == []
+    later["data"]["eval_fraction"] = 0.1
+    assert trajectory_changes(saved, later) == ["data.eval_fraction: 0.0 -> 0.1"]

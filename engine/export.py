@@ -1,0 +1,154 @@
+"""`pairuni export RUN_DIR|CHECKPOINT --out DIR [--dtype bfloat16] [--overwrite]`: the trained model as a
+Hugging Face folder.
+
+    export_policy("runs/janus1b", "exported/janus1b", dtype="bfloat16")
+
+What the folder holds:
+- config.json, generation_config.json and every weight (model.safetensors, sharded when large), written
+  by `save_pretrained` from the loaded policy: frozen weights from the base model, trained ones from the
+  checkpoint (`policy_io.trained_weights`: the fp32 masters when the run kept them), all cast to `dtype`;
+- every other file of the run's `model.path` (tokenizer, processor, chat template, README), copied as is,
+  so `JanusProcessor.from_pretrained` loads it;
+- for a run on the tiny random Janus: its toy tokenizer (`policy_io.TOY_TOKENIZER_FILE`), which makes the
+  folder a valid `model.path` and `pairuni eval --model`;
+- `pairuni_export.json`: the source checkpoint, step, dtype, which weights and the run's config.
+
+It loads with `JanusForConditionalGeneration.from_pretrained(DIR)` and `pairuni train model.path=DIR`
+continues from it. The folder is built beside `--out` and renamed into place when complete: `--out` is
+never half-written (a killed export leaves a hidden `.NAME.*` folder beside it, not inside). An existing
+`--out` is replaced only with `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .data.io import current_umask, staged_folder, write_json
+from .model import DTYPES
+from .policy_io import EXPORT_INFO_FILE, TOY_TOKENIZER_FILE, PolicySourceError, load_policy, resolve_source
+
+log = logging.getLogger("pairuni.export")
+
+#: Files of the base model folder that the export writes itself (weights, configs), so they are not copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+_WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+            TOY_TOKENIZER_FILE, EXPORT_INFO_FILE)
+
+
+class ExportError(ValueError):
+    """The export cannot be written; the message is one line naming the argument."""
+
+
+def carried_files(base: Path | None) -> list[Path]:
+    """The files of the base model folder the export copies: everything at its top level but hidden files,
+    weights and the configs `save_pretrained` writes (tokenizer, processor, chat template, README, ...)."""
+    if base is None:
+        return []
+    return sorted(p for p in base.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WRITTEN)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _seal_tree(folder: Path) -> None:
+    """Give every file under `folder` the mode the umask asks for (safetensors writes 0600 whatever it says)
+    and flush it to disk, before the folder is renamed into place."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def export_policy(source: str | Path, out: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
+                  device: str = "cpu") -> Path:
+    """Write the policy of `source` (a run, a checkpoint or a model folder) as a Hugging Face folder `out`.
+
+    Raises ExportError / PolicySourceError (ValueErrors, one line) before any model loads when `out` exists
+    without `overwrite`, would hold the source, or `dtype` is unknown; returns `out`.
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out: {out} exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out: {out} exists and is not a folder")
+    src = resolve_source(source, key="export")
+    if _inside(src.path, out):
+        raise ExportError(f"--out: {out} holds the source {src.path}; export to another folder")
+    policy = load_policy(src, dtype=dtype, device=device, key="export")
+    if policy.base_path is not None and _inside(policy.base_path, out):
+        raise ExportError(f"--out: {out} holds the base model folder {policy.base_path}; export to another folder")
+    model = policy.model
+    # Saved with `_from_model_config` set, transformers drops `generation_kwargs` (begin-of-image id) on load.
+    model.generation_config._from_model_config = False
+    with staged_folder(out, overwrite=True) as stage:
+        for path in carried_files(policy.base_path):
+            shutil.copyfile(path, stage / path.name)
+        model.save_pretrained(stage)
+        if policy.tokenizer_json is not None:
+            (stage / TOY_TOKENIZER_FILE).write_text(policy.tokenizer_json)
+        write_json(stage / EXPORT_INFO_FILE, {
+            "source": str(src.path), "step": policy.step, "dtype": dtype, "weights": policy.weights,
+            "base_model": str(policy.base_path) if policy.base_path is not None else None, "config": policy.config})
+        _seal_tree(stage)
+    log.info("exported %s (step %s, %s) to %s", src.path, policy.step, policy.weights, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a run's trained model as a Hugging Face folder",
+        description="Write the policy of a run (its newest verified checkpoint), of one checkpoint or of a model "
+                    "folder as a Hugging Face folder: config, generation config, tokenizer and processor files of "
+                    "the run's model.path, every weight (trained ones from the fp32 master weights when the run "
+                    "kept them). It loads with JanusForConditionalGeneration.from_pretrained and as model.path of "
+                    "`pairuni train` / `pairuni eval --model`. Written beside --out and renamed into place.",
+    )
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
+                   help="a run folder (its newest verified checkpoint), a checkpoint folder (RUN/checkpoints/step_N) "
+                        "or a model folder")
+    p.add_argument("--out", required=True, help="folder to write (refused when it exists, unless --overwrite)")
+    p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES),
+                   help="dtype of the written weights (default bfloat16, as Janus-Pro ships)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    p.add_argument("--device", default="cpu", help="where the model is assembled (default cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_policy(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
+    except (ExportError, PolicySourceError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"pairuni export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.source} -> {out}")
+    return 0
+
+
+def main(argv=None) -> int:  # `python -m engine.export`
+    parser = argparse.ArgumentParser(prog="pairuni")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""`pairuni export`: which weights are written, reload equality, refusal, atomicity, bad inputs, and the
+toy-world workflow train -> export -> eval -> train model.path=DIR."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import cli, export
+from engine import model as janus
+from engine.config import load_config
+from engine.policy_io import TOY_TOKENIZER_FILE, load_policy, tiny_policy
+from engine.text import ToyPrompts, ToyTokenizer
+from engine.trainer import PairGRPOTrainer
+
+
+def _checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pairuni ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def master_run(toy_world, tmp_path_factory, tiny_overrides):
+    """A 1-step bf16 run that keeps fp32 master weights."""
+    run = tmp_path_factory.mktemp("master") / "run"
+    cfg = load_config(None, tiny_overrides(toy_world, run, **{"train.steps": 1, "model.dtype": "bfloat16",
+                                                              "optim.master_weights": "true"}))
+    PairGRPOTrainer.from_config(cfg).train()
+    return run
+
+
+def test_export_writes_the_fp32_masters_cast_to_dtype(master_run, tmp_path):
+    ckpt = _checkpoint(master_run)
+    masters = load_file(str(ckpt / "master.safetensors"))
+    policy = load_file(str(ckpt / "policy.safetensors"))
+    assert export.main([str(master_run), "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    written = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    moved_below_bf16 = 0
+    for name, master in masters.items():
+        assert written[name].dtype == torch.float32
+        assert torch.equal(written[name], master), name
+        moved_below_bf16 += int((written[name] != policy[name].float()).sum())
+    assert moved_below_bf16 > 0  # the bf16 policy copy lost what the masters kept
+    # frozen weights: those the run trained with (the tiny model at bf16), cast up
+    state = json.loads((ckpt / "state.json").read_text())
+    base, _ = tiny_policy(ToyTokenizer.from_json(state["tokenizer"]), "cpu", dtype="bfloat16")
+    frozen = {n: p for n, p in base.named_parameters() if n not in masters}
+    assert frozen and all(torch.equal(written[n], p.float()) for n, p in frozen.items())
+    # bf16 export: the masters rounded to bf16, which is what the run's policy copy holds
+    assert export.main([str(ckpt), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    written = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    for name, master in masters.items():
+        assert torch.equal(written[name], master.to(torch.bfloat16)) and torch.equal(written[name], policy[name])
+    info = json.loads((tmp_path / "bf16" / export.EXPORT_INFO_FILE).read_text())
+    assert info["step"] == 1 and "master" in info["weights"] and info["source"] == str(ckpt)
+
+
+def test_reloaded_export_computes_what_the_trained_policy_computes(trained_run, tmp_path):
+    from transformers import JanusForConditionalGeneration
+
+    trainer, run = trained_run
+    out = tmp_path / "exported"
+    assert export.main([str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True, use_safetensors=True).eval()
+    trained = trainer.model
+    theirs, ours = reloaded.state_dict(), trained.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(6, len(trainer.prompts.tok), (3, 9), generator=g)
+    with torch.no_grad():
+        a = reloaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        b = trained(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        h = torch.randn(3, 4, trained.config.text_config.hidden_size, generator=g)
+        img_a, img_b = reloaded.model.generation_head(h), trained.model.generation_head(h)
+    assert torch.equal(a, b) and torch.equal(img_a, img_b)
+    assert reloaded.generation_config.generation_kwargs["boi_token_id"] == janus.TINY_SPECIAL.boi
+    # the toy tokenizer travels with the weights: load_policy gives the run's prompts back
+    assert (out / TOY_TOKENIZER_FILE).read_text() == trainer.parts.tokenizer_json
+    policy = load_policy(out)
+    assert isinstance(policy.prompts, ToyPrompts) and policy.prompts.tok.vocab == trainer.prompts.tok.vocab
+    assert policy.step == 2 and policy.config["rollout"] == trainer.cfg.to_dict()["rollout"]
+
+
+def test_export_refuses_an_existing_out_without_overwrite(trained_run, tmp_path, capsys):
+    _, run = trained_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(["export", str(run), "--out", str(out)]) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stage or old copy left beside it
+
+
+def test_a_failed_export_leaves_out_absent_or_intact(trained_run, tmp_path, monkeypatch):
+    from transformers import JanusForConditionalGeneration
+
+    _, run = trained_run
+
+    def half_then_fail(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(JanusForConditionalGeneration, "save_pretrained", half_then_fail)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError, match="disk full"):
+        export.export_policy(run, fresh, dtype="float32")
+    assert not fresh.exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        export.export_policy(run, old, dtype="float32", overwrite=True)
+    assert [p.name for p in old.iterdir()] == ["config.json"] and (old / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_an_export_killed_between_writes_leaves_nothing_under_out(trained_run, tmp_path):
+    _, run = trained_run
+    out = tmp_path / "out"
+    script = (
+        "import os, signal, sys\n"
+        "from transformers import JanusForConditionalGeneration\n"
+        "from engine import export\n"
+        "real = JanusForConditionalGeneration.save_pretrained\n"
+        "def write_then_die(self, folder, **kw):\n"
+        "    real(self, folder, **kw)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "JanusForConditionalGeneration.save_pretrained = write_then_die\n"
+        "export.main(sys.argv[1:])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(run), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not out.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".out.") for p in leftovers) and leftovers  # the hidden stage only
+    assert export.main([str(run), "--out", str(out)]) == 0 and (out / "model.safetensors").is_file()
+
+
+def test_bad_sources_give_one_line_errors(trained_run, tmp_path, capsys, no_model_loads):
+    _, run = trained_run
+    out = str(tmp_path / "out")
+    assert cli.main(["export", str(tmp_path / "missing"), "--out", out]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export", str(tmp_path / "empty"), "--out", out]) == 2
+    assert "is not a run" in _one_line_error(capsys)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(_checkpoint(run), damaged)
+    weights = damaged / "policy.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert cli.main(["export", str(damaged), "--out", out]) == 2
+    assert "checksum" in _one_line_error(capsys)
+    unsealed = tmp_path / "unsealed"
+    shutil.copytree(_checkpoint(run), unsealed)
+    (unsealed / "manifest.json").unlink()
+    assert cli.main(["export", str(unsealed), "--out", out]) == 2
+    assert "manifest.json" in _one_line_error(capsys)
+    fresh_run = tmp_path / "fresh_run"
+    (fresh_run / "checkpoints").mkdir(parents=True)
+    (fresh_run / "metrics.jsonl").write_text("")
+    assert cli.main(["export", str(fresh_run), "--out", out]) == 2
+    assert "no checkpoint yet" in _one_line_error(capsys)
+    assert cli.main(["export", str(run), "--out", str(run / "checkpoints"), "--overwrite"]) == 2
+    assert "holds the source" in _one_line_error(capsys)
+    assert not Path(out).exists()
+
+
+def test_toy_workflow_train_export_eval_train(trained_run, toy_world, tmp_path, tiny_overrides, capsys):
+    """A folder exported from a tiny-model run is a model.path: training continues from its weights with its
+    toy tokenizer, and files of the base folder (here a stand-in processor file) are carried to the next export."""
+    trainer, run = trained_run
+    first = tmp_path / "first"
+    assert cli.main(["export", str(run), "--out", str(first), "--dtype", "float32"]) == 0
+    (first / "processor_config.json").write_text('{"stand_in": true}\n')
+    assert cli.main(["eval", "--model", str(first), "--pairs", str(toy_world), "--samples", "2",
+                     "--max-pairs", "3", "--no-progress"]) == 0
+    assert "overall" in capsys.readouterr().out
+    run2 = tmp_path / "run2"
+    cfg = load_config(None, tiny_overrides(toy_world, run2, **{"model.path": str(first), "train.steps": 1}))
+    continued = PairGRPOTrainer.from_config(cfg)
+    start = continued.model.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in trainer.model.state_dict().items())
+    assert continued.parts.tokenizer_json == trainer.parts.tokenizer_json
+    continued.train()
+    second = tmp_path / "second"
+    assert cli.main(["export", str(run2), "--out", str(second), "--dtype", "float32"]) == 0
+    assert (second / "processor_config.json").read_bytes() == (first / "processor_config.json").read_bytes()
+    assert (second / TOY_TOKENIZER_FILE).read_text() == trainer.parts.tokenizer_json
+    moved = load_file(str(second / "model.safetensors"))
+    assert any(not torch.equal(moved[n], p) for n, p in trainer.model.state_dict().items() if n in moved)
+
+
+def test_a_sharded_checkpoint_exports_its_parameters(trained_run, tmp_path):
+    """A torchrun run's checkpoint (DCP shards; its fp32 shards are the masters) is read whole in one process.
+    Written here by DCP itself without a process group, as a single-rank job would write it."""
+    import torch.distributed.checkpoint as dcp
+
+    from engine.checkpoint_store import write_manifest
+
+    _, run = trained_run
+    ckpt = _checkpoint(run)
+    params = load_file(str(ckpt / "policy.safetensors"))
+    g = torch.Generator().manual_seed(11)
+    params = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in params.items()}  # not the policy file's
+    sharded = tmp_path / "step_000002"
+    dcp.save({"model": params}, checkpoint_id=str(sharded), no_dist=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    (sharded / "state.json").write_text(json.dumps({**state, "format": "dcp", "world_size": 1}))
+    write_manifest(sharded, 2)
+    assert export.main([str(sharded), "--out", str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(written[n], t) for n, t in params.items())
+
+
+def test_janus_pro_format_train_export_reload_eval_train(janus_pro_dir, toy_world, tmp_path, tiny_overrides, capsys):
+    """On a directory in the exact Janus-Pro-1B format: bf16 training with fp32 masters -> export -> transformers
+    loads the model and the processor (whose prompts equal the original's) -> eval -> training continues."""
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    small = {"model.path": str(janus_pro_dir), "data.pairs_per_step": 1, "rollout.group_size": 2,
+             "model.dtype": "bfloat16", "optim.master_weights": "true"}
+    run = tmp_path / "run"
+    assert cli.main(["train", *tiny_overrides(toy_world, run, **small)]) == 0
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    masters = load_file(str(_checkpoint(run) / "master.safetensors"))
+    written = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(written[n], m.to(torch.bfloat16)) for n, m in masters.items())
+    reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.generation_config.generation_kwargs["boi_token_id"] is not None
+    ours, theirs = (JanusProcessor.from_pretrained(d, local_files_only=True) for d in (out, janus_pro_dir))
+    chat = [{"role": "user", "content": [{"type": "text", "text": "two blue squares"}]}]
+    text = theirs.apply_chat_template(chat, add_generation_prompt=True)
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == text
+    assert torch.equal(ours(text=[text], return_tensors="pt")["input_ids"], theirs(text=[text], return_tensors="pt")["input_ids"])
+    carried = export.carried_files(Path(janus_pro_dir))
+    assert {"tokenizer.json", "preprocessor_config.json", "chat_template.json"} <= {p.name for p in carried}
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in carried)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(out), "--pairs", str(toy_world), "--samples", "2", "--max-pairs", "2",
+                     "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]["overall"]["images"] == 4
+    again = tmp_path / "again"
+    assert cli.main(["train", *tiny_overrides(toy_world, again, **{**small, "model.path": str(out), "train.steps": 1})]) == 0
