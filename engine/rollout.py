@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import StaticCache
 
 from . import model as janus
-from .policy import IMAGE_LOGPROBS, scoring_temperature
+from .policy import IMAGE_LOGPROBS
 
 
 # ----------------------------------------------------------------------------- batches
@@ -164,13 +164,13 @@ def decode_step(fn, device: torch.device, compile: bool):
 
 
 def sample_text_tokens(logits: torch.Tensor, *, temperature: float, seeds: torch.Tensor, step: int):
-    """[B, V] logits -> (tokens [B], logp [B]) drawn from softmax(logits / temperature) by `cfg_sample`."""
+    """[B, V] logits -> (tokens [B], logp [B]) drawn from softmax(logits / temperature) by `cfg_sample`;
+    logp is scored at `scoring_temperature` (1 when greedy), in the same pass as the draw."""
     from pairuni_kernels import cfg_sample
 
     logits = logits.float()
-    tokens, _ = cfg_sample(torch.cat([logits, logits]), guidance_scale=1.0, temperature=temperature,
-                           seeds=seeds, step=step)
-    logp = torch.log_softmax(logits / scoring_temperature(temperature), -1).gather(-1, tokens[:, None])[:, 0]
+    tokens, _, logp = cfg_sample(torch.cat([logits, logits]), guidance_scale=1.0, temperature=temperature,
+                                 seeds=seeds, step=step, cond_logprobs=True)
     return tokens, logp
 
 
@@ -249,10 +249,10 @@ def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     logps = torch.empty(b, k_img, dtype=torch.float32, device=device)
     logits = model.model.generation_head(h).float()  # [2B, V_img]
     for k in range(k_img):
-        tok, lpr = cfg_sample(logits, guidance_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seeds=seeds, step=k, layout="blocked")
+        tok, lpr, cond_lpr = cfg_sample(logits, guidance_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seeds=seeds, step=k, layout="blocked", cond_logprobs=True)
         if image_logprob == "cond":
-            lpr = torch.log_softmax(logits[:b] / scoring_temperature(temperature), -1).gather(-1, tok[:, None])[:, 0]
+            lpr = cond_lpr
         elif greedy_cfg:  # a greedy draw's own log-prob is 0: score the guided softmax at temperature 1
             guided = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
             lpr = torch.log_softmax(guided, -1).gather(-1, tok[:, None])[:, 0]

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pairuni_kernels import fused_linear_policy_loss, group_advantages, linear_logprobs, pair_weights
-from pairuni_kernels.policy_loss import loss_denominator
+from pairuni_kernels.policy_loss import loss_denominator, loss_share
 
 from . import distributed
 from .build import Components, build_components
@@ -58,7 +58,7 @@ def chunk_share(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor,
     """
     if full_den is None:
         full_den = loss_denominator(full_mask, mode)
-    return loss_denominator(chunk_mask, mode).clamp(min=1) / full_den.clamp(min=1)
+    return loss_share(chunk_mask, mode, full_den)
 
 
 class NonFiniteError(RuntimeError):

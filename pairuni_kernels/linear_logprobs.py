@@ -19,12 +19,14 @@ Four layers, as in Liger-Kernel:
 
 linear_logprobs: forward keeps only the per-row log-sum-exp (and entropy when asked); backward
 recomputes each chunk's logits once (the gradient arriving at logp is unknown until then).
-fused_linear_policy_loss: chunks hold whole sequences, so forward can finish each chunk
-completely: logits, logp, the clipped loss and its gradient d loss / d logp (closed form, see
-`_policy_loss_terms`), d logits in place, then grad hidden / grad weight. Logits are computed
-once, the three matmuls of the unfused path are all there is, and backward only scales the
-stored gradients by the incoming scalar. (Sequences whose logits exceed
-SINGLE_PASS_MAX_ELEMENTS fall back to linear_logprobs + the [N, T] loss: logits twice.)
+fused_linear_policy_loss: chunks hold a number of tokens (`fused_chunk_tokens`), and forward
+finishes each chunk completely: logits, logp, the clipped loss and d loss / d logp of its tokens
+(the policy-loss op itself, `clipped_policy_loss_and_grad`, on the rows the chunk touches, weighted
+by `loss_share`: the loss maths is stated once), d logits in place, then grad hidden / grad weight.
+Logits are computed once, the three matmuls of the unfused path are all there is, and backward only
+scales the stored gradients by the incoming scalar. (Sequence-level ratios keep rows whole; rows
+whose logits exceed SINGLE_PASS_MAX_ELEMENTS fall back to linear_logprobs + the [N, T] loss: logits
+twice.)
 CUDA tensors run the Triton kernels for the softmax work; CPU tensors run the same chunk loops
 with in-place torch ops (`PAIRUNI_BACKEND=triton` forces the kernels on CPU under
 TRITON_INTERPRET=1, as the tests do).
@@ -41,6 +43,7 @@ Departures from the textbook composition:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import os
@@ -53,7 +56,7 @@ from . import reference as ref
 from ._backend import use_triton
 from ._checks import FLOAT_DTYPES, INT_DTYPES, check_mask, check_shape, check_tensor
 from ._launch import KernelLaunch, unique
-from .policy_loss import clipped_policy_loss
+from .policy_loss import clipped_policy_loss, clipped_policy_loss_and_grad, loss_denominator, loss_share
 from .reference import PolicyLossOutput, compute_dtype
 
 #: Target size of one chunk of logits, in elements (64 MiB in fp32, 32 MiB in bf16). Large enough
@@ -70,8 +73,9 @@ CUDA_MIN_CHUNK_ROWS = 512
 #: CUDA_MAX_CHUNK_ELEMENTS): fewer chunks means fewer read-modify-writes of the [V, H] grad_weight.
 CUDA_BATCH_SHARE = 16
 CUDA_MAX_CHUNK_ELEMENTS = 1 << 26
-#: The fused loss computes each chunk's logits once (gradients folded into the forward pass) when
-#: chunks can hold whole sequences: one sequence's logits, T * (V + H) elements, may take up to this.
+#: With sequence-level ratios the fused loss's chunks hold whole sequences; it computes each chunk's
+#: logits once (gradients folded into the forward pass) while one sequence's logits, T * (V + H)
+#: elements, take up to this (token-level ratios cut sequences anywhere and always do).
 SINGLE_PASS_MAX_ELEMENTS = 1 << 26
 #: CPU path, low-precision inputs: the fp32 softmax work runs on row blocks of about this many
 #: elements, so the fp32 temporary stays small next to the chunk buffer.
@@ -575,76 +579,99 @@ linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ============================================================================ fused loss, one pass
-def _policy_loss_terms(lp, old, adv, valid, ref_lp, *, epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator,
-                       loss_agg_mode, importance_sampling_level, n_rows, total_count, n_nonempty):
-    """The clipped loss of `reference.clipped_policy_loss` on a block of whole rows, in closed form.
+#: CPU: bytes one chunk of the fused loss may hold. A fixed default: the host's free memory says little
+#: about what the rest of the step still needs. 32 MiB holds ~800 tokens of a Janus image head (bf16,
+#: H 2048), more than one image's logits, and chunk matmuls of hundreds of rows already run at BLAS speed.
+CPU_FUSED_CHUNK_BYTES = 1 << 25
+#: CUDA: a fused-loss chunk takes at most FREE_MEMORY_SHARE of the free memory and never more than this.
+CUDA_FUSED_CHUNK_BYTES = 1 << 30
+#: Per token besides its logits and hidden rows: running statistics, target, index, log-prob, d loss / d logp.
+FUSED_TOKEN_OVERHEAD_BYTES = 64
 
-    `n_rows`, `total_count` (unmasked tokens) and `n_nonempty` (rows with a token) are those of the
-    whole batch, so that the block's contributions add up to the batch's loss. Returns
-    (loss part, clipped count, kl sum, ratio sum, d loss / d lp). The gradient is written out
-    because this runs inside a torch.library op, where autograd does not record.
+
+def fused_chunk_tokens(vocab: int, hidden_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens one chunk of `fused_linear_policy_loss` holds, chosen from V, H and the memory free for it.
+
+    Each token of a chunk keeps its row of logits [V] in the input dtype, turned into d loss / d logits
+    in place, its hidden row gathered from the batch and its row of grad_hidden [H] in the input dtype,
+    and a few scalars. (The fp32 softmax work runs in registers on the Triton path and on row blocks of
+    CPU_FP32_BLOCK_ELEMENTS on the torch path, so it does not grow with the chunk.)
+
+        bytes per token = (V + 2 H) * itemsize + FUSED_TOKEN_OVERHEAD_BYTES
+
+    Budget: on CUDA FREE_MEMORY_SHARE of the free memory (`torch.cuda.mem_get_info`), at most
+    CUDA_FUSED_CHUNK_BYTES; on CPU the fixed CPU_FUSED_CHUNK_BYTES. Tokens = budget // bytes per token,
+    rounded down to ROW_ALIGN, at least MIN_CHUNK_ROWS (on CUDA at least CUDA_MIN_CHUNK_ROWS, so that the
+    matmuls are not skinny, or as many as half the free memory holds if that is fewer).
+
+    Example: Janus-Pro-7B's image head (V 16384, H 4096, bf16) with 60 GB free: 49216 bytes per token,
+    budget 1 GiB -> 21808 tokens per chunk (37 images of 576 tokens).
     """
-    dt = lp.dtype
-    m = valid.to(dt)
-    lp = torch.where(valid, lp, 0.0)
-    old = torch.where(valid, old.to(dt), 0.0)
-    adv = adv.to(dt)
-    adv = torch.where(valid, adv[:, None] if adv.dim() == 1 else adv, 0.0)
-    raw = lp - old
-    inside = ((raw >= -ref.LOG_RATIO_CLAMP) & (raw <= ref.LOG_RATIO_CLAMP)).to(dt)  # clamp passes the gradient
-    log_ratio = raw.clamp(-ref.LOG_RATIO_CLAMP, ref.LOG_RATIO_CLAMP)
-    count = m.sum(-1)
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * m).sum(-1) / count.clamp(min=1))[:, None].expand_as(lp)
-    ratio = torch.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    clipped = pg_clipped > pg_unclipped
-    pg = torch.maximum(pg_unclipped, pg_clipped)
-    dpg = torch.where(clipped, 0.0, pg_unclipped)  # d pg / d log_ratio: -A r unless a clip bound is active
-    if dual_clip_c is not None:
-        bound = -adv * dual_clip_c
-        dual = (adv < 0) & (pg > bound)
-        pg = torch.where(dual, bound, pg)
-        dpg = torch.where(dual, 0.0, dpg)
-        clipped = clipped | dual
-    if loss_agg_mode == "token-mean":
-        w = m / max(total_count, 1)
-    elif loss_agg_mode == "seq-mean-token-mean":
-        w = m / count.clamp(min=1)[:, None] / max(n_nonempty, 1)
-    elif loss_agg_mode == "seq-mean-token-sum":
-        w = m / n_rows
-    else:  # "seq-mean-token-sum-norm"
-        w = m / lp.shape[1]
-    if importance_sampling_level == "sequence":  # d row log-ratio / d lp_j = m_j [inside] / count
-        dlp = ((w * dpg).sum(-1) / count.clamp(min=1))[:, None] * m * inside
+    per_token = (vocab + 2 * hidden_dim) * dtype.itemsize + FUSED_TOKEN_OVERHEAD_BYTES
+    floor = MIN_CHUNK_ROWS
+    if device.type == "cuda":
+        free = _free_bytes(device)
+        budget = min(int(free * FREE_MEMORY_SHARE), CUDA_FUSED_CHUNK_BYTES)
+        floor = max(floor, min(CUDA_MIN_CHUNK_ROWS, free // 2 // per_token // ROW_ALIGN * ROW_ALIGN))
     else:
-        dlp = w * dpg * inside
-    tok = pg
-    kl_sum = lp.new_zeros(())
-    if ref_lp is not None:
-        r = torch.where(valid, ref_lp.to(dt), 0.0)
-        kl_tok = ref.kl_penalty(lp, r, kl_estimator)
-        kl_sum = (kl_tok * m).sum()
-        if beta > 0:
-            tok = tok + beta * kl_tok
-            if kl_estimator == "k1":
-                dkl = torch.ones_like(lp)
-            elif kl_estimator == "k2":
-                dkl = lp - r
-            else:  # k3 = e^d - d - 1, d = clamp(ref - lp): d k3 / d lp = (1 - e^d) inside the clamp
-                d_raw = r - lp
-                d = d_raw.clamp(-ref.LOG_RATIO_CLAMP, ref.LOG_RATIO_CLAMP)
-                dkl = (1.0 - torch.exp(d)) * ((d_raw >= -ref.LOG_RATIO_CLAMP) & (d_raw <= ref.LOG_RATIO_CLAMP))
-            dlp = dlp + w * beta * dkl
-    return (tok * w).sum(), (clipped & valid).sum().to(dt), kl_sum, (ratio * m).sum(), dlp
+        budget = CPU_FUSED_CHUNK_BYTES
+    return max(floor, budget // per_token // ROW_ALIGN * ROW_ALIGN)
+
+
+def fused_chunks(row_tokens: list[int], chunk_tokens: int, *, whole_rows: bool) -> list[tuple[int, int]]:
+    """[c0, c1) ranges of the computed tokens (row-major, row r holding row_tokens[r]), one per chunk.
+
+    Chunks hold `chunk_tokens` tokens each (the last one fewer) and cut rows anywhere; with
+    `whole_rows` they end on row ends instead, holding as many whole rows as fit and at least one
+    (sequence-level ratios need every log-prob of a row before any of its gradients)."""
+    total = sum(row_tokens)
+    if not whole_rows:
+        return [(c0, min(total, c0 + chunk_tokens)) for c0 in range(0, total, chunk_tokens)]
+    chunks, c0, c1 = [], 0, 0
+    for count in row_tokens:
+        if c1 > c0 and c1 + count - c0 > chunk_tokens:
+            chunks.append((c0, c1))
+            c0 = c1
+        c1 += count
+    if c1 > c0:
+        chunks.append((c0, c1))
+    return chunks
+
+
+def loss_pieces(starts: list[int], c0: int, c1: int, *, split_rows: bool) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first token, end token) of the pieces whose loss terms chunk [c0, c1) computes.
+
+    starts: [N + 1] first computed token of each row (starts[N] = all tokens). One piece: the rows the
+    chunk touches. With `split_rows` a row the chunk holds only part of is a piece of its own, and
+    consecutive whole rows share one piece."""
+    s0 = bisect.bisect_right(starts, c0) - 1  # the row holding token c0 (after any empty rows starting there)
+    s1 = bisect.bisect_left(starts, c1)  # rows starting before c1
+    if not split_rows:
+        return [(s0, s1, c0, c1)]
+    pieces: list[tuple[int, int, int, int, bool]] = []
+    for s in range(s0, s1):
+        a, b = max(starts[s], c0), min(starts[s + 1], c1)
+        whole = a == starts[s] and b == starts[s + 1]
+        if whole and pieces and pieces[-1][4]:
+            pieces[-1] = (pieces[-1][0], s + 1, pieces[-1][2], b, True)
+        else:
+            pieces.append((s, s + 1, a, b, whole))
+    return [p[:4] for p in pieces if p[3] > p[2]]  # an empty row between two cut ones holds no token
 
 
 def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature,
                      epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
                      importance_sampling_level, chunk_size, accum_fp32, need_hidden, need_weight, need_bias):
-    """One pass over chunks of whole sequences: logits once, logp, the loss and its gradient in
-    d logp, then d logits in place and the three gradients. hidden: [N*T, H], targets: [N*T]."""
+    """One pass over chunks of tokens: each chunk's logits once, its log-probs, its loss terms and
+    d loss / d logp from the policy-loss op on the rows it touches, then d logits in place and the three
+    gradients. hidden: [N*T, H], targets: [N*T] (masked tokens are skipped: never read).
+
+    The loss maths is `clipped_policy_loss`'s alone (`clipped_policy_loss_and_grad`: the reference on
+    CPU, the Triton kernels on CUDA). A piece of rows whose mask is cut down to the chunk's tokens is a
+    part of the batch like a micro-batch: its loss times `loss_share` (its `loss_denominator` over the
+    batch's) is its share of the batch's loss, and that same factor scales its d loss / d logp. The one
+    exception is "seq-mean-token-mean", where the op divides a row by its own token count: a row the
+    chunk holds only c of its C tokens of is then a piece of its own, its share times c / C."""
     n, t = mask.shape
     n_tok, hidden_dim = hidden.shape
     vocab = weight.shape[0]
@@ -653,13 +680,11 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
     dt = _stat_dtype(hidden, fast)
     dev = hidden.device
     valid = mask != 0
-    counts = valid.sum(-1)
-    count_list = counts.tolist()  # one host sync: chunk boundaries and normalisers
-    total_count, n_nonempty = sum(count_list), sum(c > 0 for c in count_list)
     row_index, _ = _valid_rows(valid.reshape(n_tok), n_tok)
-    starts = [0]
-    for c in count_list:
-        starts.append(starts[-1] + (c if row_index is not None else t))
+    row_tokens = valid.sum(-1).tolist() if row_index is not None else [t] * n  # one host sync: chunk plan
+    starts = list(itertools.accumulate(row_tokens, initial=0))
+    total = starts[-1]
+    positions = row_index if row_index is not None else torch.arange(n_tok, device=dev)  # flat [N*T] index
     tg = targets if row_index is None else targets.index_select(0, row_index)
     _check_targets(tg, vocab)
     tg = tg.to(torch.int64)
@@ -669,46 +694,55 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
     accum_fp32 = accum_fp32 and need_weight and weight.dtype not in (torch.float32, torch.float64)
     grad_weight_acc = torch.zeros_like(weight, dtype=torch.float32) if accum_fp32 else grad_weight
     grad_bias_acc = torch.zeros(vocab, dtype=dt, device=dev) if need_bias else None
-    sums = torch.zeros(4, dtype=out_dt, device=dev)  # loss, clipped, kl, ratio
-    rows, _ = chunk_shape(n_tok, vocab, hidden_dim, dev, chunk_size=chunk_size or None)
-    seqs = max(1, rows // t)
-    buf = torch.empty(min(n_tok, seqs * t) * vocab, dtype=hidden.dtype, device=dev) if total_count else None
+    sums = torch.zeros(4, dtype=out_dt, device=dev)  # loss, clip_fraction, kl, ratio_mean
+    den_total = loss_denominator(mask, loss_agg_mode).to(out_dt)
+    need_grad = need_hidden or need_weight or need_bias
+    sequence_level = importance_sampling_level == "sequence"
+    split_rows = not sequence_level and loss_agg_mode == "seq-mean-token-mean"
+    chunks = fused_chunks(row_tokens, chunk_size or fused_chunk_tokens(vocab, hidden_dim, hidden.dtype, dev),
+                          whole_rows=sequence_level)
+    buf = torch.empty(max((c1 - c0 for c0, c1 in chunks), default=0) * vocab, dtype=hidden.dtype, device=dev)
     inv_temp = 1.0 / temperature
     stats_step = _stats_triton if fast else _stats_torch
     dlogits_step = _dlogits_triton if fast else _dlogits_torch
     knobs = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "dual_clip_c": dual_clip_c, "beta": beta,
-                 "kl_estimator": kl_estimator, "loss_agg_mode": loss_agg_mode,
-                 "importance_sampling_level": importance_sampling_level, "n_rows": n, "total_count": total_count,
-                 "n_nonempty": n_nonempty}
-    for s0 in range(0, n, seqs):
-        s1 = min(n, s0 + seqs)
-        r0, r1 = starts[s0], starts[s1]
-        m = r1 - r0
-        if m == 0:
-            continue
-        sel = slice(r0, r1) if row_index is None else row_index[r0:r1]
-        pos = None if row_index is None else sel - s0 * t  # token positions inside the block [s1 - s0, T]
+             "kl_estimator": kl_estimator, "loss_agg_mode": loss_agg_mode,
+             "importance_sampling_level": importance_sampling_level}
+    for c0, c1 in chunks:
+        m = c1 - c0
+        sel = slice(c0, c1) if row_index is None else row_index[c0:c1]
         h = _take(hidden, sel)
-        tk = tg[r0:r1]
         logits = buf[:m * vocab].view(m, vocab)
         torch.mm(h, weight.t(), out=logits)
         mx = torch.full((m,), float("-inf"), dtype=dt, device=dev)
         sm = torch.zeros(m, dtype=dt, device=dev)
         tgt = torch.zeros(m, dtype=dt, device=dev)
-        chunk = _Chunk(logits, tk, bias, 0, inv_temp)
+        chunk = _Chunk(logits, tg[c0:c1], bias, 0, inv_temp)
         stats_step(chunk, mx, sm, tgt, tgt, False, preserve=True)  # the logits are reused for the gradient
         lse = mx + torch.log(sm)
-        logp_rows = tgt - lse
-        lp = logp_rows.to(out_dt) if pos is None else torch.zeros(
-            (s1 - s0) * t, dtype=out_dt, device=dev).index_copy_(0, pos, logp_rows.to(out_dt))
-        loss, clip, kl, ratio, dlp = _policy_loss_terms(
-            lp.view(s1 - s0, t), old_logp[s0:s1], advantages[s0:s1], valid[s0:s1],
-            None if ref_logp is None else ref_logp[s0:s1], **knobs)
-        sums += torch.stack([loss, clip, kl, ratio]).to(out_dt)
-        if not (need_hidden or need_weight or need_bias):
+        logp = (tgt - lse).to(out_dt)
+        g = torch.empty(m, dtype=out_dt, device=dev)  # d loss / d logp of the chunk's tokens
+        for s0, s1, p0, p1 in loss_pieces(starts, c0, c1, split_rows=split_rows):
+            rows = slice(s0, s1)
+            pos = positions[p0:p1] - s0 * t  # the piece's tokens inside its rows [s1 - s0, T], flattened
+            piece_mask = torch.zeros((s1 - s0) * t, dtype=torch.bool, device=dev).index_fill_(0, pos, True)
+            piece_lp = torch.zeros((s1 - s0) * t, dtype=out_dt, device=dev).index_copy_(0, pos, logp[p0 - c0:p1 - c0])
+            piece_mask, piece_lp = piece_mask.view(s1 - s0, t), piece_lp.view(s1 - s0, t)
+            share = loss_share(piece_mask, loss_agg_mode, den_total)
+            if split_rows and p1 - p0 < row_tokens[s0]:  # part of one row: the op divided by p1 - p0 tokens
+                share = share * ((p1 - p0) / row_tokens[s0])
+            out, dlp = clipped_policy_loss_and_grad(
+                piece_lp, old_logp[rows], advantages[rows], piece_mask,
+                ref_logp=None if ref_logp is None else ref_logp[rows], grad_scale=share if need_grad else None,
+                **knobs)
+            token_share = (p1 - p0) / total  # the metrics are token means
+            sums += torch.stack([out.loss * share, out.clip_fraction * token_share, out.kl * token_share,
+                                 out.ratio_mean * token_share]).to(out_dt)
+            if need_grad:
+                g[p0 - c0:p1 - c0] = dlp.reshape(-1).index_select(0, pos)
+        if not need_grad:
             continue
-        g = dlp.reshape(-1) if pos is None else dlp.reshape(-1).index_select(0, pos)
-        dlogits_step(chunk, lse, g.to(dt).contiguous(), None, None)
+        dlogits_step(chunk, lse, g.to(dt), None, None)
         if need_hidden:
             if row_index is None:
                 torch.mm(logits, weight, out=grad_hidden[sel])
@@ -725,8 +759,7 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
     if accum_fp32:
         grad_weight.copy_(grad_weight_acc)
     grad_bias = grad_bias_acc.to(bias.dtype) if need_bias else hidden.new_empty(0)
-    denom = max(total_count, 1)
-    return (sums[0], sums[1] / denom, sums[2] / denom, sums[3] / denom, grad_hidden, grad_weight, grad_bias)
+    return (*(x.clone() for x in sums), grad_hidden, grad_weight, grad_bias)  # outputs may not alias each other
 
 
 @torch.library.custom_op("pairuni::fused_linear_policy_loss_fwd", mutates_args=())
@@ -854,12 +887,14 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
     masked tokens are skipped: their hidden rows and targets are never read (padding ids are fine)
     and get zero gradient.
 
-    Chunks hold whole sequences when one sequence's logits fit SINGLE_PASS_MAX_ELEMENTS (every
-    Janus shape): then each chunk's logits are computed once, in forward, which also computes the
-    loss's gradients (d loss / d logp in closed form, folded into d logits in place), so the step
-    costs the three matmuls of the unfused path; backward only scales the stored gradients. With
-    longer sequences, or `vocab_chunk_size`, forward keeps only the per-row log-sum-exp and backward
-    recomputes the logits (twice in all).
+    Chunks hold a number of tokens (`fused_chunk_tokens`: from V, H and free memory) and cut
+    sequences anywhere. Each chunk's logits are computed once, in forward, which also computes the
+    loss's gradients (the loss terms and d loss / d logp from the policy-loss op on the rows the chunk
+    touches, folded into d logits in place), so the step costs the three matmuls of the unfused path;
+    backward only scales the stored gradients. Sequence-level ratios need a row's every log-prob
+    first: there chunks end on row ends, and rows whose logits exceed SINGLE_PASS_MAX_ELEMENTS, or
+    `vocab_chunk_size`, make forward keep only the per-row log-sum-exp and backward recompute the
+    logits (twice in all).
 
     Args:
         hidden:     [N, T, H] float; differentiable.
@@ -868,8 +903,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         old_logp, advantages ([N] or [N, T]), mask, ref_logp and the loss knobs: as in
                     `clipped_policy_loss`.
         bias, temperature, vocab_chunk_size, accum_dtype: as in `linear_logprobs`.
-        chunk_size: tokens per chunk, rounded down to whole sequences (at least one) on the
-                    one-pass path; default from H, V and free memory.
+        chunk_size: tokens per chunk (sequence level: rounded down to whole sequences, at least
+                    one); default `fused_chunk_tokens`.
     Returns:
         PolicyLossOutput(loss, clip_fraction, kl, ratio_mean); loss differentiable in hidden,
         weight and bias.
@@ -890,7 +925,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         epsilon_high=epsilon_high, dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator,
         loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level)
     vocab, hidden_dim = weight.shape
-    if vocab_chunk_size is None and t * (vocab + hidden_dim) <= SINGLE_PASS_MAX_ELEMENTS:
+    whole_rows_fit = t * (vocab + hidden_dim) <= SINGLE_PASS_MAX_ELEMENTS
+    if vocab_chunk_size is None and (importance_sampling_level == "token" or whole_rows_fit):
         grad_on = torch.is_grad_enabled()
         need = [grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
         loss, clip_fraction, kl, ratio_mean, _, _, _ = fused_linear_policy_loss_fwd(
@@ -899,8 +935,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
             None if dual_clip_c is None else float(dual_clip_c), float(beta), kl_estimator, loss_agg_mode,
             importance_sampling_level, chunk_size or 0, accum_dtype == torch.float32, *need)
         return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean)
-    # sequences too long for one chunk (or a vocabulary split asked for): logp chunk by chunk, the
-    # loss on [N, T], then the gradient chunk by chunk in backward (logits computed twice)
+    # sequence-level ratios of rows too long for one chunk (or a vocabulary split asked for): logp chunk by
+    # chunk, the loss on [N, T], then the gradient chunk by chunk in backward (logits computed twice)
     row_mask = (mask != 0).reshape(n * t)
     logp, _, _ = linear_logprobs_fwd(hidden.reshape(n * t, hidden.shape[2]), weight, targets.reshape(n * t),
                                      bias, row_mask, float(temperature), False, chunk_size or 0,

@@ -6,7 +6,8 @@ Four layers, as in Liger-Kernel:
   launchers    `_launch_fwd`, `_launch_bwd`
   ops          `pairuni::clipped_policy_loss_fwd` / `_bwd` (torch.library custom ops with a fake
                implementation and registered autograd, so torch.compile(fullgraph=True) traces them)
-  front        `clipped_policy_loss` (validation, dispatch, PolicyLossOutput)
+  front        `clipped_policy_loss` (validation, dispatch, PolicyLossOutput); `clipped_policy_loss_and_grad`
+               (the loss and d loss / d logp in one call, for the fused linear loss inside its op)
 
 Every aggregation mode lives in the kernels: each row emits `num_row` and `den_row` such that
     loss = sum(num) / max(sum(den), 1)
@@ -24,6 +25,7 @@ Sequence-level ratios re-read the row once more in each direction (row reduction
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -425,6 +427,16 @@ def loss_denominator(mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
     return den.to(torch.float32)
 
 
+def loss_share(part_mask: torch.Tensor, loss_agg_mode: str, den_total: torch.Tensor) -> torch.Tensor:
+    """``max(den_part, 1) / max(den_total, 1)``: the factor that turns the aggregated loss of a part of a
+    batch (micro-batch, rank's share, chunk) into its share of the batch's loss, where `den_part` is
+    `loss_denominator(part_mask, loss_agg_mode)` and `den_total` the batch's. A 0-d tensor in den_total's
+    dtype, no host sync. Exact for parts made of whole rows; a part that holds only some tokens of a row
+    is exact too except in "seq-mean-token-mean", which divides each row by its own token count (see
+    `fused_linear_policy_loss`)."""
+    return loss_denominator(part_mask, loss_agg_mode).to(den_total.dtype).clamp(min=1) / den_total.clamp(min=1)
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         *, ref_logp: torch.Tensor | None = None, epsilon_low: float = 0.2,
                         epsilon_high: float = 0.2, dual_clip_c: float | None = None, beta: float = 0.0,
@@ -465,7 +477,69 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator, loss_agg_mode=loss_agg_mode,
         importance_sampling_level=importance_sampling_level)
     loss, clip_fraction, kl, ratio_mean, _, _ = torch.ops.pairuni.clipped_policy_loss_fwd(
-        logp, old_logp, advantages, mask, ref_logp, float(epsilon_low), float(epsilon_high),
-        float(dual_clip_c) if dual_clip_c is not None else 0.0, float(beta), _KL_CODE[kl_estimator],
-        _AGG_CODE[loss_agg_mode], importance_sampling_level == "sequence")
+        logp, old_logp, advantages, mask, ref_logp, *_op_knobs(
+            epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode, importance_sampling_level))
     return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean)
+
+
+def _op_knobs(epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode, importance_sampling_level):
+    """The loss knobs as the ops and launchers take them (dual_clip_c None -> 0: off; codes for the names)."""
+    return (float(epsilon_low), float(epsilon_high), float(dual_clip_c) if dual_clip_c is not None else 0.0,
+            float(beta), _KL_CODE[kl_estimator], _AGG_CODE[loss_agg_mode], importance_sampling_level == "sequence")
+
+
+# the dispatch keys a torch.library op's implementation runs without (torch._C._AutoDispatchBelowAutograd)
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor)
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Autograd records again inside a torch.library op's implementation: grad mode on and the autograd
+    dispatch keys no longer excluded. (torch.func.vjp is no way out: a compiled graph runs ops with
+    functorch disabled.) Restores both on exit."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def clipped_policy_loss_and_grad(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                                 mask: torch.Tensor, *, grad_scale: torch.Tensor | None,
+                                 ref_logp: torch.Tensor | None = None,
+                                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, dual_clip_c: float | None = None,
+                                 beta: float = 0.0, kl_estimator: str = "k3", loss_agg_mode: str = "token-mean",
+                                 importance_sampling_level: str = "token") -> tuple[PolicyLossOutput, torch.Tensor | None]:
+    """`clipped_policy_loss` and ``grad_scale * d loss / d logp`` ([N, T], logp's dtype) in one call: for
+    callers inside a torch.library op (the fused linear loss), where autograd does not record by itself.
+    Inputs are not validated again (the caller's front did).
+
+    Dispatch as `clipped_policy_loss`: the Triton forward and backward kernels (the op's own launchers)
+    where `use_triton`, else `reference.clipped_policy_loss` differentiated by autograd (`_autograd_on`).
+    grad_scale: 0-d float tensor on logp's device, or None: no gradient (None returned; no autograd, so
+    inference-mode tensors are fine).
+    """
+    knobs = _op_knobs(epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
+                      importance_sampling_level)
+    if use_triton(logp):
+        stats = _launch_fwd(logp, old_logp, advantages, mask, ref_logp, *knobs)
+        loss, clip_fraction, kl, ratio_mean, den_total = _combine(stats)
+        grad = None if grad_scale is None else _launch_bwd(grad_scale, den_total, logp, old_logp, advantages, mask,
+                                                           ref_logp, stats, *knobs)
+        return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean), grad
+
+    def reference_loss(lp):
+        return ref.clipped_policy_loss(
+            lp, old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+            dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator, loss_agg_mode=loss_agg_mode,
+            importance_sampling_level=importance_sampling_level)
+
+    if grad_scale is None:
+        with torch.no_grad():
+            return reference_loss(logp), None
+    with _autograd_on():
+        lp = logp.detach().requires_grad_(True)
+        out = reference_loss(lp)
+        (grad,) = torch.autograd.grad(out.loss, lp, grad_outputs=grad_scale.to(out.loss.dtype))
+    return PolicyLossOutput(out.loss.detach(), *out[1:]), grad

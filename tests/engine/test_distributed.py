@@ -73,7 +73,11 @@ def assert_same_run(got: dict, ref: dict) -> dict:
     assert any(r["loss.understanding"] != 0 for r in b) and any(r["loss.generation"] != 0 for r in b)
     assert got["params"].keys() == ref["params"].keys() and got["grads"].keys() == ref["grads"].keys()
     for n, g in ref["grads"].items():  # gradient of the last backward (step 3, inner epoch 2)
-        torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-7, msg=n)
+        # summed over ranks in another order: an element that cancels to near zero keeps the rounding of
+        # summands of the order of the tensor's largest gradient, so atol scales with max |g|. Measured:
+        # at most 3.7e-5 max |g| beyond rtol (aligner.fc1.bias; lm_head 1.05e-7 absolute), 2.1e-5 before the
+        # rollouts took cfg_sample's one-pass log-probs; 1e-4 max |g| leaves a margin of ~3
+        torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()), msg=n)
     pdiff = max(float((got["params"][n] - p).abs().max()) for n, p in ref["params"].items())
     gdiff = max(float((got["grads"][n] - g).abs().max()) for n, g in ref["grads"].items())
     # AdamW (lr 1e-2) moves each weight by up to ~1e-2 per step and amplifies rounding in near-zero

@@ -309,7 +309,7 @@ def _check_fused(inputs, knobs, *, dtype=torch.float32, atol=2e-5, chunks=None, 
     return got_out, got_grads
 
 
-# single pass (chunks of whole sequences, logits once) and two passes (vocabulary split, logits twice)
+# single pass (chunks of tokens, logits once) and two passes (vocabulary split, logits twice)
 FUSED_PATHS = {"one_pass": {"chunk_size": 5}, "two_pass": {"chunk_size": 5, "vocab_chunk_size": 64}}
 
 
@@ -455,11 +455,96 @@ def test_fused_loss_all_masked_gives_zero(gen, reference_backend):
     assert out.loss.item() == 0 and (gh == 0).all() and (gw == 0).all()
 
 
+# ----------------------------------------------------------------------------- fused loss: chunks of tokens
+def test_fused_chunks_cut_rows_by_tokens_or_keep_them_whole():
+    rows = [3, 0, 5, 2, 4]  # computed tokens per row (an empty row among them): 14 in all
+    assert LL.fused_chunks(rows, 4, whole_rows=False) == [(0, 4), (4, 8), (8, 12), (12, 14)]
+    assert LL.fused_chunks(rows, 4, whole_rows=True) == [(0, 3), (3, 8), (8, 10), (10, 14)]  # a row over 4: alone
+    assert LL.fused_chunks(rows, 7, whole_rows=True) == [(0, 3), (3, 10), (10, 14)]
+    assert LL.fused_chunks(rows, 100, whole_rows=False) == LL.fused_chunks(rows, 100, whole_rows=True) == [(0, 14)]
+    starts = [0, 3, 3, 8, 10, 14]
+    # tokens 2..8: the end of row 0, rows 1-2 whole, the start of row 3
+    assert LL.loss_pieces(starts, 2, 9, split_rows=False) == [(0, 4, 2, 9)]
+    assert LL.loss_pieces(starts, 2, 9, split_rows=True) == [(0, 1, 2, 3), (1, 3, 3, 8), (3, 4, 8, 9)]
+    assert LL.loss_pieces(starts, 3, 8, split_rows=True) == [(2, 3, 3, 8)]  # starts after the empty row
+    assert LL.loss_pieces(starts, 4, 6, split_rows=True) == [(2, 3, 4, 6)]  # inside one row
+    assert LL.loss_pieces([0, 3, 3, 8], 2, 4, split_rows=True) == [(0, 1, 2, 3), (2, 3, 3, 4)]  # no empty piece
+
+
+@pytest.mark.parametrize("loss_agg_mode", ref.LOSS_AGG_MODES)
+@pytest.mark.parametrize("level", ref.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("kl", [None, "k1", "k2", "k3"])
+def test_fused_loss_token_chunks_equal_one_chunk_and_reference(gen, reference_backend, loss_agg_mode, level, kl):
+    """Chunks of any number of tokens, cutting sequences anywhere (with masked padding inside and
+    between rows, and an empty row), give the loss, metrics and gradients of one chunk and of the
+    fp64 reference; at sequence level chunks keep rows whole and agree too."""
+    n, t = 5, 7
+    inputs = _loss_inputs(gen, n, t, 16, 61, per_token_adv=kl == "k2", with_ref=kl is not None, empty_rows=(2,))
+    inputs["mask"][3, :4] = False  # left padding
+    inputs["mask"][3, 4:] = True
+    knobs = {"loss_agg_mode": loss_agg_mode, "importance_sampling_level": level}
+    if kl is not None:
+        knobs.update(beta=0.1, kl_estimator=kl, dual_clip_c=2.0 if kl == "k3" else None)
+    one_out, one_grads = _check_fused(inputs, knobs, dtype=torch.float64, atol=1e-10,
+                                      chunks={"chunk_size": n * t})
+    assert 0 < one_out[1] < 1  # clipped and unclipped tokens
+    for chunk in (1, 2, 3, 5, t - 1, t + 1, 2 * t + 3):
+        out, grads = _check_fused(inputs, knobs, dtype=torch.float64, atol=1e-10, chunks={"chunk_size": chunk})
+        _assert_close(out, one_out, atol=1e-13, rtol=1e-12, what=f"chunk {chunk} vs one chunk: outputs")
+        _assert_close(grads, one_grads, atol=1e-13, rtol=1e-12, what=f"chunk {chunk} vs one chunk: grads")
+
+
+@pytest.mark.parametrize("level,want_rows", [("token", [5, 5, 5, 5, 3]), ("sequence", [5, 5, 4, 4, 5])])
+def test_fused_loss_chunks_hold_tokens_not_sequences(gen, reference_backend, level, want_rows):
+    """Token-level chunks hold exactly chunk_size unmasked tokens whatever the rows (one logits matmul
+    each); sequence-level ones hold whole rows, as many as fit and at least one."""
+    n, t, h, v = 6, 8, 8, 40
+    inputs = _loss_inputs(gen, n, t, h, v, empty_rows=())
+    inputs["mask"][:] = False
+    for row, count in enumerate((5, 3, 2, 4, 4, 5)):  # 23 tokens, rows 3 to 8 wide apart from padding
+        inputs["mask"][row, t - count:] = True
+    shapes = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.out, torch.ops.aten.mm.default) and out.shape[-1] == v:
+                shapes.append(out.shape[0])
+            return out
+
+    hd, w = inputs["hidden"].float().flatten(0, 1), inputs["weight"].float()
+    with Spy():
+        LL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
+                            inputs["advantages"].float(), inputs["mask"], None, 1.0, 0.2, 0.2, None, 0.0, "k3",
+                            "token-mean", level, 5, False, True, True, False)
+    assert shapes == want_rows
+
+
+def test_fused_chunk_tokens_from_vocab_hidden_and_free_memory(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    per_token = (16384 + 2 * 4096) * 2 + LL.FUSED_TOKEN_OVERHEAD_BYTES  # Janus-Pro-7B image head, bf16
+    assert LL.fused_chunk_tokens(16384, 4096, torch.bfloat16, cpu) == LL.CPU_FUSED_CHUNK_BYTES // per_token // 16 * 16
+    fp32 = LL.fused_chunk_tokens(16384, 4096, torch.float32, cpu)
+    assert fp32 == LL.CPU_FUSED_CHUNK_BYTES // (2 * per_token - LL.FUSED_TOKEN_OVERHEAD_BYTES) // 16 * 16
+    monkeypatch.setattr(LL, "_free_bytes", lambda device: 60 * 10**9)
+    assert LL.fused_chunk_tokens(16384, 4096, torch.bfloat16, cuda) == 21808  # the 1 GiB cap (docstring example)
+    monkeypatch.setattr(LL, "_free_bytes", lambda device: 2 * 10**9)
+    assert LL.fused_chunk_tokens(16384, 4096, torch.bfloat16, cuda) == 2 * 10**9 // 16 // per_token // 16 * 16
+    monkeypatch.setattr(LL, "_free_bytes", lambda device: 200 * 10**6)  # 1/16 is < 512 tokens: 512 still fit
+    assert LL.fused_chunk_tokens(16384, 4096, torch.bfloat16, cuda) == LL.CUDA_MIN_CHUNK_ROWS
+    monkeypatch.setattr(LL, "_free_bytes", lambda device: 10 * 10**6)  # nearly full: what half the free memory holds
+    assert LL.fused_chunk_tokens(16384, 4096, torch.bfloat16, cuda) == 10 * 10**6 // 2 // per_token // 16 * 16
+    monkeypatch.setattr(LL, "_free_bytes", lambda device: 10**6)
+    assert LL.fused_chunk_tokens(16384, 4096, torch.bfloat16, cuda) == LL.MIN_CHUNK_ROWS
+
+
 @pytest.mark.parametrize("loss_agg_mode,level,chunks", [
     ("token-mean", "token", {"chunk_size": 4, "vocab_chunk_size": 128}),
     ("seq-mean-token-mean", "sequence", {"chunk_size": 4, "vocab_chunk_size": 128}),
     ("token-mean", "token", {"chunk_size": 6}),
     ("seq-mean-token-sum", "sequence", {"chunk_size": 12}),
+    ("seq-mean-token-mean", "token", {"chunk_size": 4}),  # chunks cut rows: pieces of rows
+    ("seq-mean-token-sum-norm", "token", {"chunk_size": 5}),
 ])
 def test_fused_loss_triton(gen, triton_backend, loss_agg_mode, level, chunks, device):
     inputs = _loss_inputs(gen, 3, 6, 24, 301, with_ref=True, device=device)

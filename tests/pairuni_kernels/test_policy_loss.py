@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pairuni_kernels import clipped_policy_loss, reference
+from pairuni_kernels.policy_loss import clipped_policy_loss_and_grad
 from pairuni_kernels.reference import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_AGG_MODES
 
 
@@ -150,6 +151,31 @@ def test_triton_strided_inputs(triton_backend, gen, device):
 
 
 # ----------------------------------------------------------------------------- edges
+@pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
+@pytest.mark.parametrize("agg,level", [("token-mean", "token"), ("seq-mean-token-mean", "sequence"),
+                                       ("seq-mean-token-sum-norm", "token")])
+def test_loss_and_grad_equal_the_op_and_its_autograd(request, gen, backend, agg, level, device):
+    """`clipped_policy_loss_and_grad` (what the fused linear loss calls inside its op) gives the op's
+    outputs and grad_scale times the gradient autograd gives, on both backends; with grad_scale None
+    the same outputs and no gradient."""
+    request.getfixturevalue(backend)
+    lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 9, device=device)
+    knobs = dict(ref_logp=ref_lp, beta=0.1, kl_estimator="k2", dual_clip_c=2.5, loss_agg_mode=agg,
+                 importance_sampling_level=level)
+    want, want_grad = run(clipped_policy_loss, lp, old, adv, mask, ref_lp, **{k: v for k, v in knobs.items()
+                                                                             if k != "ref_logp"})
+    scale = torch.tensor(0.37, device=device)
+    got, grad = clipped_policy_loss_and_grad(lp, old, adv, mask, grad_scale=scale, **knobs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, 0.37 * want_grad, rtol=1e-5, atol=1e-8)
+    assert (grad[~mask] == 0).all() and grad.abs().max() > 0
+    no_grad, none = clipped_policy_loss_and_grad(lp, old, adv, mask, grad_scale=None, **knobs)
+    assert none is None
+    for a, b in zip(no_grad, want):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 def test_all_masked_batch_is_zero_not_nan(request, gen, backend, agg, device):
