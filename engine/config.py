@@ -33,7 +33,7 @@ from .lora import QUANTIZE as LORA_QUANTIZE
 from .lora import TARGETS as LORA_TARGETS
 from .model import ATTN_IMPLEMENTATIONS, DEFAULT_TRAIN_MODULES, DTYPES, TRAINABLE_MODULE_NAMES
 from .optim import OPTIMIZERS, UPDATES
-from .policy import IMAGE_LOGPROBS
+from .policy import IMAGE_LOGPROBS, PAIR_WEIGHTINGS
 from .preflight import PreflightError, check_device, check_model_dir, check_run_dir, history_of
 
 
@@ -158,6 +158,9 @@ class AlgoConfig:
     """Inner epochs: optimizer steps on each rollout batch (1 is on-policy GRPO)."""
     use_pair_weights: bool = True
     """Multiply both halves' advantages by w_p (1 aligned, sqrt(s) retrieved); False: plain GRPO."""
+    pair_weighting: str = "sqrt"
+    """w_p of a retrieved pair when use_pair_weights: sqrt (PairUni: sqrt(s)) | linear (s), the paper's
+    weighting ablation. Aligned pairs always weigh 1."""
     advantage_eps: float = 1e-6
     """Added to the group std before dividing."""
     understanding_weight: float = 1.0
@@ -456,6 +459,7 @@ def validate(cfg: Config) -> None:
     _check(a.epsilon_high >= 0, "algo.epsilon_high", "a number >= 0", a.epsilon_high)
     _check(a.beta >= 0, "algo.beta", "a number >= 0", a.beta)
     _check(a.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", " | ".join(KL_ESTIMATORS), a.kl_estimator)
+    _check(a.pair_weighting in PAIR_WEIGHTINGS, "algo.pair_weighting", " | ".join(PAIR_WEIGHTINGS), a.pair_weighting)
     _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"one of {LOSS_AGG_MODES}", a.loss_agg_mode)
     _check(a.mu >= 1, "algo.mu", "an integer >= 1", a.mu)
     _check(a.advantage_eps >= 0, "algo.advantage_eps", "a number >= 0", a.advantage_eps)

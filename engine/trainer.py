@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pairuni_kernels import fused_linear_policy_loss, group_advantages, linear_logprobs, pair_weights
+from pairuni_kernels import fused_linear_policy_loss, group_advantages, linear_logprobs
 from pairuni_kernels.policy_loss import loss_denominator, loss_share
 
 from . import distributed
@@ -40,7 +40,7 @@ from .checkpoint_store import step_name
 from .config import Config
 from .data.io import write_json
 from .metrics import MetricsLog, summarize
-from .policy import TASKS, task_mask, task_view
+from .policy import TASKS, pair_weights_of, task_mask, task_view
 from .preflight import history_of, set_aside
 from .rewards import RewardInput
 from .rollout import concat_rollouts, generation_rollouts, rollout_seeds, rollout_understanding, row_chunks
@@ -170,7 +170,7 @@ class PairGRPOTrainer:
         if cfg.algo.use_pair_weights:
             sim = torch.tensor([p.similarity for p in pairs], dtype=torch.float32)
             aligned = torch.tensor([p.aligned for p in pairs], dtype=torch.bool)
-            weights = pair_weights(sim, aligned)[group_ids]
+            weights = pair_weights_of(sim, aligned, cfg.algo.pair_weighting)[group_ids]
         eps = cfg.algo.advantage_eps
         adv_und = group_advantages(r_und, group_ids, weights=weights, eps=eps)
         adv_gen = group_advantages(r_gen, group_ids, weights=weights, eps=eps)

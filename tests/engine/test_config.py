@@ -44,6 +44,7 @@ def test_overrides_parse_yaml_values_into_nested_keys():
     ("rollout.group_size=four", "rollout.group_size"),  # wrong type
     ("rollout.group_size=1", "rollout.group_size"),     # out of range
     ("algo.loss_agg_mode=mean", "algo.loss_agg_mode"),
+    ("algo.pair_weighting=cubic", "algo.pair_weighting"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("data.pairs_path=/nonexistent/pairs.jsonl", "data.pairs_path"),
     ("model.path=/nonexistent/janus", "model.path"),

@@ -35,6 +35,17 @@ def test_advantages_are_grouped_and_pair_weighted(toy_world, tmp_path, make_trai
     assert batch.rewards_gen.std() > 0
 
 
+@pytest.mark.parametrize("weighting, weight_of", [("linear", lambda s: s), ("sqrt", math.sqrt)])
+def test_pair_weighting_scales_retrieved_pairs(toy_world, tmp_path, make_trainer, weighting, weight_of):
+    tr = make_trainer(tmp_path, **{"data.shuffle": "false", "data.pairs_per_step": 8, "algo.pair_weighting": weighting})
+    batch = tr.make_batch(1, tr.sampler.next())
+    g = tr.cfg.rollout.group_size
+    group_ids = torch.arange(len(batch.pairs)).repeat_interleave(g)
+    w = torch.tensor([1.0 if p.aligned else weight_of(p.similarity) for p in batch.pairs]).repeat_interleave(g)
+    assert any(0 < p.similarity < 1 for p in batch.pairs if not p.aligned)
+    torch.testing.assert_close(batch.adv_gen, group_advantages(batch.rewards_gen, group_ids) * w)
+
+
 def test_gradient_does_not_depend_on_micro_batch_size(toy_world, tmp_path, make_trainer):
     grads = []
     for mb in (16, 3):
