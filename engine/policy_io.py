@@ -193,10 +193,30 @@ def load_policy(source: str | Path | PolicySource, *, dtype: str | None = None, 
                                     "which is not a model folder here")
         model, prompts, tok_json = load_model_folder(base_path, dtype=run_dtype, device=device,
                                                      attn_implementation=attn_implementation)
-    if dtype is not None and dtype != run_dtype:
-        model = model.to(janus.DTYPES[dtype])
+    target = janus.DTYPES[dtype or run_dtype]
+    adapters = run.get("lora") or {}
+    if adapters.get("rank", 0) > 0:  # the checkpoint holds the adapters: on the base, then merged into it
+        add_run_adapters(model, adapters)
+    elif dtype is not None and dtype != run_dtype:
+        model = model.to(target)
     weights = write_trained_weights(model, src.path, key=key)
+    if adapters.get("rank", 0) > 0:
+        from .lora import merged_model
+
+        model = merged_model(model, dtype=target).to(target)
+        weights += ", LoRA adapters merged into the base"
     return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, state.get("config"), int(state["step"]), weights)
+
+
+def add_run_adapters(model, lora: dict) -> None:
+    """Inject the LoRA adapters a run trained (its config's `model.lora`, as a dict) into `model`, in place, so
+    that the checkpoint's `lora_A` / `lora_B` weights have their parameters. The base stays dense: a run on a
+    4-bit NF4 base (CUDA) is read back onto its `model.path` weights unquantized, the usual QLoRA merge."""
+    from .config import LoraConfig
+    from .lora import add_adapters
+
+    known = {k: v for k, v in lora.items() if k in LoraConfig.__dataclass_fields__ and k != "quantize"}
+    add_adapters(model, LoraConfig(**known))
 
 
 def export_info(path: Path) -> dict:

@@ -260,3 +260,33 @@ def test_janus_pro_format_train_export_reload_eval_train(janus_pro_dir, toy_worl
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]["overall"]["images"] == 4
     again = tmp_path / "again"
     assert cli.main(["train", *tiny_overrides(toy_world, again, **{**small, "model.path": str(out), "train.steps": 1})]) == 0
+
+
+def test_a_lora_run_exports_and_evaluates_with_its_adapters_merged(toy_world, tmp_path, tiny_overrides, capsys):
+    """A LoRA run's checkpoints hold the adapters only; export and eval put them on the base and merge them
+    (this failed with "holds '...lora_A.default.weight', which the model does not have"). The exported folder,
+    a plain Janus without adapters, computes what the trained adapted model computes."""
+    from transformers import JanusForConditionalGeneration
+
+    run = tmp_path / "run"
+    lora_run = {"model.lora.rank": 4, "model.lora.alpha": 8, "optim.lr": 0.05, "train.steps": 1}
+    trainer = PairGRPOTrainer.from_config(load_config(None, tiny_overrides(toy_world, run, **lora_run)))
+    trainer.train()
+    assert all(p.abs().max() > 0 for n, p in trainer.model.named_parameters() if ".lora_B." in n)  # the merge matters
+    out = tmp_path / "out"
+    assert export.main([str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    assert not any("lora" in n for n in load_file(str(out / "model.safetensors")))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, trainer.model.config.text_config.vocab_size, (2, 9), generator=g)
+    hidden = torch.randn(2, 5, trainer.model.config.text_config.hidden_size, generator=g)
+    with torch.no_grad():
+        trained = trainer.model.eval()
+        # fp32 both ways; the merged W + s B A differs from W x + s B (A x) by float reassociation only
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded.model.generation_head(hidden), trained.model.generation_head(hidden),
+                                   rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(run), "--pairs", str(toy_world), "--samples", "1", "--max-pairs", "2",
+                     "--no-progress"]) == 0
+    assert "overall" in capsys.readouterr().out
