@@ -11,7 +11,10 @@ trainer's `model.path`):
   (`TOY_TOKENIZER_FILE`), whose prompts are then the toy ones;
 - a checkpoint `RUN/checkpoints/step_N` (verified against its manifest first): the base model the run
   started from (its `model.path`, or the tiny random Janus rebuilt from the saved seed, palette and
-  tokenizer) with the checkpoint's trained weights (`trained_weights`) written over it;
+  tokenizer) with the checkpoint's trained weights (`trained_weights`) written over it; a LoRA run's
+  (`model.lora.rank > 0`: its checkpoints hold the adapters only) gets the run's adapters first
+  (`run_lora`; on a base quantized to NF4 again when the run's was), so the policy is the adapted model
+  the run trained;
 - a run folder: its newest verified checkpoint, chosen as a resumed run would choose it.
 
 Every problem is one line (`PolicySourceError`, a ValueError) naming the path, before a model loads
@@ -20,6 +23,7 @@ where it can be found by looking at files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from . import model as janus
 from .checkpoint import DCP_METADATA, STATE, is_sharded, read_state
 from .checkpoint_store import MANIFEST, CheckpointError, CheckpointStore, verify
@@ -75,6 +80,7 @@ class LoadedPolicy:
     config: dict | None = None
     step: int | None = None
     weights: str = "the model folder"
+    lora: object | None = None
 
 
 # ----------------------------------------------------------------------------- finding the source
@@ -178,12 +184,15 @@ def load_policy(source: str | Path | PolicySource, *, dtype: str | None = None, 
     state = read_state(src.path)
     run = (state.get("config") or {}).get("model") or {}
     run_dtype = run.get("dtype", "float32")
+    adapters = run_lora(state.get("config"))
+    nf4 = adapters is not None and adapters.quantize == "nf4"
+    build_device = "cpu" if nf4 else device  # an NF4 base is quantized on its way to `device`
     base = run.get("path")
     if base is None:
         if "tokenizer" not in state:
             raise PolicySourceError(f"{key}: checkpoint {src.path} has no model.path and no toy tokenizer in {STATE}")
         tok = ToyTokenizer.from_json(state["tokenizer"])
-        model, prompts = tiny_policy(tok, device, dtype=run_dtype, seed=run.get("tiny_seed", 0),
+        model, prompts = tiny_policy(tok, build_device, dtype=run_dtype, seed=run.get("tiny_seed", 0),
                                      palette=run.get("tiny_palette", True))
         tok_json, base_path = state["tokenizer"], None
     else:
@@ -191,12 +200,49 @@ def load_policy(source: str | Path | PolicySource, *, dtype: str | None = None, 
         if not (base_path / "config.json").is_file():
             raise PolicySourceError(f"{key}: checkpoint {src.path} was trained from model.path={base}, "
                                     "which is not a model folder here")
-        model, prompts, tok_json = load_model_folder(base_path, dtype=run_dtype, device=device,
+        model, prompts, tok_json = load_model_folder(base_path, dtype=run_dtype, device=build_device,
                                                      attn_implementation=attn_implementation)
     if dtype is not None and dtype != run_dtype:
         model = model.to(janus.DTYPES[dtype])
+    if adapters is not None:
+        model = with_adapters(model, adapters, device, key=f"{key}: checkpoint {src.path}")
     weights = write_trained_weights(model, src.path, key=key)
-    return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, state.get("config"), int(state["step"]), weights)
+    if adapters is not None:
+        weights = f"the LoRA adapters ({weights}) on the frozen base"
+    return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, state.get("config"), int(state["step"]), weights,
+                        adapters)
+
+
+def run_lora(config: dict | None):
+    """The `model.lora` settings (a `config.LoraConfig`) of a run's saved config when it trained LoRA adapters
+    (rank > 0), else None. Keys this engine does not know are ignored."""
+    from .config import LoraConfig
+
+    values = ((config or {}).get("model") or {}).get("lora") or {}
+    if int(values.get("rank", 0) or 0) <= 0:
+        return None
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def with_adapters(model, settings, device: torch.device | str, *, key: str):
+    """`model` with LoRA adapters of `settings` (their weights still B = 0), its language model's projections
+    first quantized to NF4 on the way to `device` when `settings.quantize` is nf4, as the run's were
+    (bitsandbytes: CUDA, or its CPU backend where the installed version has one). Raises PolicySourceError."""
+    if settings.quantize == "nf4":
+        try:
+            model = lora.nf4_layers(model).to(device)
+        except (ImportError, RuntimeError, NotImplementedError, AssertionError) as err:
+            raise PolicySourceError(f"{key} trained LoRA on a 4-bit NF4 base, which bitsandbytes cannot build on "
+                                    f"{device} here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                    "load it on a CUDA device") from None
+        unquantized = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"
+                       and getattr(p, "quant_state", None) is None]
+        if unquantized:
+            raise PolicySourceError(f"{key} trained LoRA on a 4-bit NF4 base, which this bitsandbytes does not "
+                                    f"quantize on {device} ({unquantized[0]}); load it on a CUDA device")
+    lora.add_adapters(model, settings)
+    return model
 
 
 def export_info(path: Path) -> dict:
