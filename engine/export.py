@@ -42,8 +42,15 @@ from pathlib import Path
 from . import lora
 from .data.io import current_umask, staged_folder, write_json
 from .model import DTYPES
-from .policy_io import (EXPORT_INFO_FILE, TOY_TOKENIZER_FILE, PolicySourceError, load_policy, resolve_source, run_lora,
-                        saved_config)
+from .policy_io import (
+    EXPORT_INFO_FILE,
+    TOY_TOKENIZER_FILE,
+    PolicySourceError,
+    load_policy,
+    resolve_source,
+    run_lora,
+    saved_config,
+)
 
 log = logging.getLogger("pairuni.export")
 
@@ -154,7 +161,8 @@ def register(subparsers) -> None:
         description="Write the policy of a run (its newest verified checkpoint), of one checkpoint or of a model "
                     "folder as a Hugging Face folder: config, generation config, tokenizer and processor files of "
                     "the run's model.path, every weight (trained ones from the fp32 master weights when the run "
-                    "kept them; a LoRA run's adapters merged in, or alone with --adapter-only). It loads with JanusForConditionalGeneration.from_pretrained and as model.path of "
+                    "kept them; a LoRA run's adapters merged in, or alone with --adapter-only). It loads with "
+                    "JanusForConditionalGeneration.from_pretrained and as model.path of "
                     "`pairuni train` / `pairuni eval --model`. Written beside --out and renamed into place.",
     )
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
