@@ -111,7 +111,7 @@ def export_policy(source: str | Path, out: str | Path, *, dtype: str = "bfloat16
     src = resolve_source(source, key="export")
     if _inside(src.path, out):
         raise ExportError(f"--out: {out} holds the source {src.path}; export to another folder")
-    adapters = run_lora(saved_config(src)) if src.kind == "checkpoint" else None
+    adapters = run_lora(saved_config(src)) if src.kind in ("checkpoint", "adapter") else None
     if adapter_only and adapters is None:
         raise ExportError(f"--adapter-only: {src.path} is not a LoRA run's checkpoint (its model.lora.rank is 0); "
                           "export it without --adapter-only")

@@ -99,6 +99,20 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 #: Prefix of the parameter names in a peft adapter file: what `peft.PeftModel` puts before the model's own names.
 PEFT_PREFIX = "base_model.model."
+#: The weights file of a peft adapter folder.
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def adapter_file_weights(file):
+    """(parameter name as in an adapted model's `named_parameters()`, tensor) of every weight in a peft adapter
+    file: `base_model.model.X.lora_A.weight` -> `X.lora_A.default.weight`."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            inner = name.removeprefix(PEFT_PREFIX)
+            module, _, param = inner.rpartition(".")
+            yield f"{module}.{ADAPTER}.{param}", fh.get_tensor(name)
 
 
 def write_adapter(model, folder, *, base_model: str | None = None) -> None:
@@ -121,7 +135,7 @@ def write_adapter(model, folder, *, base_model: str | None = None) -> None:
         sorted(config["target_modules"])
     config["base_model_name_or_path"] = base_model
     folder = Path(folder)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    save_file(tensors, str(folder / ADAPTER_FILE))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
 
 

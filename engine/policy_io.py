@@ -15,7 +15,9 @@ trainer's `model.path`):
   (`model.lora.rank > 0`: its checkpoints hold the adapters only) gets the run's adapters first
   (`run_lora`; on a base quantized to NF4 again when the run's was), so the policy is the adapted model
   the run trained;
-- a run folder: its newest verified checkpoint, chosen as a resumed run would choose it.
+- a run folder: its newest verified checkpoint, chosen as a resumed run would choose it;
+- an adapter folder `pairuni export --adapter-only` wrote: the base its `pairuni_export.json` names, rebuilt
+  as for a checkpoint, with the folder's adapters.
 
 Every problem is one line (`PolicySourceError`, a ValueError) naming the path, before a model loads
 where it can be found by looking at files.
@@ -24,6 +26,7 @@ where it can be found by looking at files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import warnings
@@ -46,6 +49,8 @@ log = logging.getLogger("pairuni.policy_io")
 TOY_TOKENIZER_FILE = "toy_tokenizer.json"
 #: Where an exported folder came from (source checkpoint, step, dtype, which weights, the run's config).
 EXPORT_INFO_FILE = "pairuni_export.json"
+#: The file that makes a folder a peft adapter folder (`pairuni export --adapter-only` writes one).
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class PolicySourceError(ValueError):
@@ -54,8 +59,9 @@ class PolicySourceError(ValueError):
 
 @dataclass
 class PolicySource:
-    """A resolved source. kind: "model" (a Hugging Face folder) | "checkpoint"; skipped: checkpoints
-    of a run passed over as damaged, one line each."""
+    """A resolved source. kind: "model" (a Hugging Face folder) | "checkpoint" | "adapter" (a LoRA run's adapters
+    alone, as `pairuni export --adapter-only` writes them); skipped: checkpoints of a run passed over as damaged,
+    one line each."""
 
     kind: str
     path: Path
@@ -108,6 +114,11 @@ def resolve_source(source: str | Path, *, key: str = "--model") -> PolicySource:
         for skipped in point.skipped:
             log.warning("%s: skipped %s", key, skipped)
         return PolicySource("checkpoint", point.path, point.skipped)
+    if (path / ADAPTER_CONFIG).is_file():
+        if not (path / EXPORT_INFO_FILE).is_file():
+            raise PolicySourceError(f"{key}: {source} is a peft adapter folder without {EXPORT_INFO_FILE}, so its base "
+                                    "model is unknown (load it with peft.PeftModel.from_pretrained on its base)")
+        return PolicySource("adapter", path)
     if (path / "config.json").is_file():
         try:
             check_model_dir(path, key=key)
@@ -175,42 +186,52 @@ def load_policy(source: str | Path | PolicySource, *, dtype: str | None = None, 
     frozen weights are built at the run's dtype first, so they are those the run trained with, then cast.
     """
     src = source if isinstance(source, PolicySource) else resolve_source(source, key=key)
-    if src.kind == "model":
+    if src.kind == "model":  # a Hugging Face folder: every weight is in it
         dtype = dtype or folder_dtype(src.path)
         model, prompts, tok = load_model_folder(src.path, dtype=dtype, device=device,
                                                 attn_implementation=attn_implementation)
         info = export_info(src.path)
         return LoadedPolicy(model.eval(), prompts, src, tok, src.path, info.get("config"), info.get("step"))
-    state = read_state(src.path)
-    run = (state.get("config") or {}).get("model") or {}
+    if src.kind == "adapter":
+        info = export_info(src.path)
+        toy = src.path / TOY_TOKENIZER_FILE
+        config, step = info.get("config") or {}, info.get("step")
+        tokenizer_json = toy.read_text() if toy.is_file() else None
+        write_weights = functools.partial(write_adapter_weights, folder=src.path, key=key)
+    else:
+        state = read_state(src.path)
+        config, step, tokenizer_json = state.get("config") or {}, int(state["step"]), state.get("tokenizer")
+        write_weights = functools.partial(write_trained_weights, checkpoint=src.path, key=key)
+    where = f"{key}: {'adapter folder' if src.kind == 'adapter' else 'checkpoint'} {src.path}"
+    run = config.get("model") or {}
     run_dtype = run.get("dtype", "float32")
-    adapters = run_lora(state.get("config"))
+    adapters = run_lora(config)
+    if src.kind == "adapter" and adapters is None:
+        raise PolicySourceError(f"{where}: its {EXPORT_INFO_FILE} holds no model.lora settings")
     nf4 = adapters is not None and adapters.quantize == "nf4"
     build_device = "cpu" if nf4 else device  # an NF4 base is quantized on its way to `device`
     base = run.get("path")
     if base is None:
-        if "tokenizer" not in state:
-            raise PolicySourceError(f"{key}: checkpoint {src.path} has no model.path and no toy tokenizer in {STATE}")
-        tok = ToyTokenizer.from_json(state["tokenizer"])
+        if tokenizer_json is None:
+            raise PolicySourceError(f"{where} has no model.path and no toy tokenizer")
+        tok = ToyTokenizer.from_json(tokenizer_json)
         model, prompts = tiny_policy(tok, build_device, dtype=run_dtype, seed=run.get("tiny_seed", 0),
                                      palette=run.get("tiny_palette", True))
-        tok_json, base_path = state["tokenizer"], None
+        tok_json, base_path = tokenizer_json, None
     else:
         base_path = Path(base)
         if not (base_path / "config.json").is_file():
-            raise PolicySourceError(f"{key}: checkpoint {src.path} was trained from model.path={base}, "
-                                    "which is not a model folder here")
+            raise PolicySourceError(f"{where} was trained from model.path={base}, which is not a model folder here")
         model, prompts, tok_json = load_model_folder(base_path, dtype=run_dtype, device=build_device,
                                                      attn_implementation=attn_implementation)
     if dtype is not None and dtype != run_dtype:
         model = model.to(janus.DTYPES[dtype])
     if adapters is not None:
-        model = with_adapters(model, adapters, device, key=f"{key}: checkpoint {src.path}")
-    weights = write_trained_weights(model, src.path, key=key)
+        model = with_adapters(model, adapters, device, key=where)
+    weights = write_weights(model)
     if adapters is not None:
         weights = f"the LoRA adapters ({weights}) on the frozen base"
-    return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, state.get("config"), int(state["step"]), weights,
-                        adapters)
+    return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, config or None, step, weights, adapters)
 
 
 def run_lora(config: dict | None):
@@ -305,22 +326,36 @@ def _dcp_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from loaded["model"].items()
 
 
-@torch.no_grad()
 def write_trained_weights(model, checkpoint: str | Path, *, key: str = "--model") -> str:
     """Copy `trained_weights(checkpoint)` into `model` (cast to each parameter's dtype); returns their origin.
     Raises PolicySourceError when the names do not match the model's parameters."""
     origin, weights = trained_weights(checkpoint)
+    _copy_weights(model, weights, f"{key}: checkpoint {checkpoint}")
+    return origin
+
+
+def write_adapter_weights(model, folder: str | Path, *, key: str = "--model") -> str:
+    """Copy the adapters of a peft adapter folder (`lora.adapter_file_weights`) into `model`, which carries
+    adapters of the same settings; returns their origin. Raises PolicySourceError on a name or shape mismatch."""
+    file = Path(folder) / lora.ADAPTER_FILE
+    if not file.is_file():
+        raise PolicySourceError(f"{key}: adapter folder {folder} has no {lora.ADAPTER_FILE}")
+    _copy_weights(model, lora.adapter_file_weights(file), f"{key}: adapter folder {folder}")
+    return f"the adapter file ({lora.ADAPTER_FILE})"
+
+
+@torch.no_grad()
+def _copy_weights(model, weights, where: str) -> None:
     named = dict(model.named_parameters())
     seen = set()
     for name, tensor in weights:
         if name not in named:
-            raise PolicySourceError(f"{key}: checkpoint {checkpoint} holds {name!r}, which the model does not have "
+            raise PolicySourceError(f"{where} holds {name!r}, which the model does not have "
                                     "(another model or engine version?)")
         if tuple(tensor.shape) != tuple(named[name].shape):
-            raise PolicySourceError(f"{key}: checkpoint {checkpoint}: {name!r} has shape {tuple(tensor.shape)}, "
+            raise PolicySourceError(f"{where}: {name!r} has shape {tuple(tensor.shape)}, "
                                     f"the model's is {tuple(named[name].shape)}")
         named[name].copy_(tensor)
         seen.add(name)
     if not seen:
-        raise PolicySourceError(f"{key}: checkpoint {checkpoint} holds no trained weights")
-    return origin
+        raise PolicySourceError(f"{where} holds no trained weights")

@@ -93,14 +93,19 @@ def test_reloaded_export_computes_what_the_trained_policy_computes(trained_run, 
     assert policy.step == 2 and policy.config["rollout"] == trainer.cfg.to_dict()["rollout"]
 
 
-def test_export_refuses_an_existing_out_without_overwrite(trained_run, tmp_path, capsys):
-    _, run = trained_run
-    out = tmp_path / "out"
+def _refused_over(out: Path, run: Path, capsys) -> None:
+    """`pairuni export run --out out` over an existing `out` is a one-line error that leaves `out` as it was."""
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert cli.main(["export", str(run), "--out", str(out)]) == 2
     assert "--overwrite" in _one_line_error(capsys)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_export_refuses_an_existing_out_without_overwrite(trained_run, tmp_path, capsys):
+    _, run = trained_run
+    out = tmp_path / "out"
+    _refused_over(out, run, capsys)
     assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stage or old copy left beside it
@@ -340,6 +345,15 @@ def test_lora_run_exports_the_adapter_alone_for_peft(lora_run, tmp_path, capsys)
     got, want = _logits(adapted, len(trainer.prompts.tok)), _logits(trainer.model, len(trainer.prompts.tok))
     for g, w, b in zip(got, want, before):
         assert torch.equal(g, w) and not torch.allclose(b, w)
+    # the folder is a policy source of its own: its base rebuilt from pairuni_export.json, its adapters on it
+    policy = load_policy(out)
+    assert policy.source.kind == "adapter" and policy.step == 2 and policy.lora.rank == 4
+    for g, w in zip(_logits(policy.model, len(trainer.prompts.tok)), want):
+        assert torch.equal(g, w)
+    (out / export.EXPORT_INFO_FILE).rename(tmp_path / "info.json")
+    with pytest.raises(export.PolicySourceError, match="base model is unknown"):
+        load_policy(out)
+    (tmp_path / "info.json").rename(out / export.EXPORT_INFO_FILE)
     # refused where it makes no sense, and like every export over an existing folder
     assert cli.main(["export", str(run), "--out", str(out), "--adapter-only"]) == 2
     assert "--overwrite" in _one_line_error(capsys)
@@ -348,12 +362,7 @@ def test_lora_run_exports_the_adapter_alone_for_peft(lora_run, tmp_path, capsys)
 def test_lora_export_refuses_an_existing_out_and_adapter_only_of_a_full_run(lora_run, trained_run, tmp_path, capsys,
                                                                             no_model_loads):
     _, run = lora_run
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert cli.main(["export", str(run), "--out", str(out)]) == 2
-    assert "--overwrite" in _one_line_error(capsys)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    _refused_over(tmp_path / "out", run, capsys)
     _, full = trained_run
     assert cli.main(["export", str(full), "--out", str(tmp_path / "adapter"), "--adapter-only"]) == 2
     assert "not a LoRA run" in _one_line_error(capsys)
