@@ -156,7 +156,12 @@ def _dense_weight(base) -> torch.Tensor:
     if getattr(weight, "quant_state", None) is not None:
         import bitsandbytes as bnb
 
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # a CPU forward in eval mode repacked it for bitsandbytes' bf16 kernel; undone as bitsandbytes'
+            # own state_dict does (its absmax has been rounded to bf16 by then)
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return bnb.functional.dequantize_4bit(data, state)
     return weight.detach()
 
 

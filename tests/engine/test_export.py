@@ -416,3 +416,14 @@ def test_nf4_lora_run_merges_its_dequantized_base(lora_run, tmp_path):
     assert torch.equal(written[f"{name}.weight"], want)
     assert float((written[f"{name}.weight"] - (w + delta)).abs().max()) > 1e-3 * float(w.abs().max())
     assert torch.equal(written["lm_head.weight"], lora.merged_model(trainer.model).lm_head.weight)  # heads: not NF4
+    # the policy load_policy rebuilds (4-bit layers + adapters, what eval runs) computes what the merged folder does
+    from transformers import JanusForConditionalGeneration
+
+    policy = load_policy(ckpt)
+    assert type(policy.model.get_submodule(name).get_base_layer()).__name__ == "Linear4bit"
+    reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True, use_safetensors=True).eval()
+    vocab = len(trainer.prompts.tok)
+    # within bf16 noise (3%, as for the bf16 export): on CPUs with AVX512-BF16, bitsandbytes' CPU NF4 kernel
+    # (eval mode, no grad) repacks the weight with bf16 block scales and computes in bf16
+    for got, want in zip(_logits(reloaded, vocab), _logits(policy.model, vocab)):
+        assert _max_rel_error(got, want) < 3e-2

@@ -226,3 +226,26 @@ def test_saved_adapter_loads_back_into_a_fresh_model(tmp_path, tiny):
         assert torch.equal(p, want[n]), n
     with pytest.raises(ValueError, match="no LoRA adapter"):
         lora.save_adapter(janus.tiny_janus(96), tmp_path / "none")
+
+
+def test_merge_after_a_cpu_nf4_forward_reads_the_repacked_weight(tiny):
+    """bitsandbytes' CPU kernel (AVX512-BF16, eval, no grad) repacks a 4-bit weight on its first forward, with
+    bf16 block scales; `merged_model` then unpacks it as bitsandbytes' state_dict does. Equal to the merge before
+    the forward up to the bf16 rounding of the block scales (relative 2^-9, 1% allowed); without the unpacking the
+    dequantized bits are in the wrong order (errors of the weights' own size)."""
+    from engine.config import LoraConfig
+
+    model = lora.nf4_layers(tiny).to("cpu")
+    lora.add_adapters(model, LoraConfig(rank=2))
+    _randomize_adapters(model, 5)
+    model.eval()
+    before = lora.merged_model(model).state_dict()
+    ids = torch.randint(6, 96, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    state = model.get_submodule("model.language_model.layers.0.self_attn.q_proj").get_base_layer().weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU / bitsandbytes does not repack 4-bit weights")
+    after = lora.merged_model(model).state_dict()
+    for name, want in before.items():
+        assert float((after[name] - want).abs().max()) <= 1e-2 * float(want.abs().max()), name
