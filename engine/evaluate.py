@@ -301,7 +301,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="RUN_DIR|CHECKPOINT|DIR",
                    help="a run folder (its newest verified checkpoint), a checkpoint folder, or a model folder "
-                        "(Janus-Pro or one `pairuni export` wrote)")
+                        "(Janus-Pro or one `pairuni export` wrote, a LoRA run's --adapter-only folder included)")
     p.add_argument("--pairs", required=True, help="PairUG JSONL file to evaluate on (images relative to its folder)")
     p.add_argument("--out", default=None, help="folder for eval.json and eval.png (image grid)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled images (default 0); same seed, same numbers")

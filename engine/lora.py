@@ -97,36 +97,57 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
-def save_adapter(model, out_dir) -> None:
-    """Write the adapters alone as a peft adapter directory (adapter_model.safetensors, adapter_config.json),
-    loadable with `peft.PeftModel.from_pretrained(base, out_dir)`; atomic: a temporary folder renamed."""
+#: Prefix of the parameter names in a peft adapter file: what `peft.PeftModel` puts before the model's own names.
+PEFT_PREFIX = "base_model.model."
+#: The weights file of a peft adapter folder.
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def adapter_file_weights(file):
+    """(parameter name as in an adapted model's `named_parameters()`, tensor) of every weight in a peft adapter
+    file: `base_model.model.X.lora_A.weight` -> `X.lora_A.default.weight`."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            inner = name.removeprefix(PEFT_PREFIX)
+            module, _, param = inner.rpartition(".")
+            yield f"{module}.{ADAPTER}.{param}", fh.get_tensor(name)
+
+
+def write_adapter(model, folder, *, base_model: str | None = None) -> None:
+    """Write the adapters of `model` into the existing `folder` as `peft.PeftModel.save_pretrained` would:
+    adapter_model.safetensors (names `PEFT_PREFIX` + module + `.lora_A.weight`, fp32) and adapter_config.json
+    (base_model_name_or_path: `base_model`). `peft.PeftModel.from_pretrained(base, folder)` loads them."""
     import json
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
     import peft
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapter: the model carries no LoRA adapter (model.lora.rank is 0)")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+    # save_embedding_layers off: with lm_head among the targets peft would also save the frozen head itself
+    state = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = model.peft_config[ADAPTER].to_dict()
     config["target_modules"] = config["target_modules"] if isinstance(config["target_modules"], str) else \
         sorted(config["target_modules"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    config["base_model_name_or_path"] = base_model
+    folder = Path(folder)
+    save_file(tensors, str(folder / ADAPTER_FILE))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1, default=str))
+
+
+def save_adapter(model, out_dir, *, base_model: str | None = None) -> None:
+    """Write the adapters alone as a peft adapter directory (`write_adapter`), loadable with
+    `peft.PeftModel.from_pretrained(base, out_dir)`; atomic: a folder beside `out_dir` renamed into place."""
+    from .data.io import staged_folder
+
+    if not hasattr(model, "peft_config"):
+        raise ValueError("save_adapter: the model carries no LoRA adapter (model.lora.rank is 0)")
+    with staged_folder(out_dir, overwrite=True) as stage:
+        write_adapter(model, stage, base_model=base_model)
 
 
 def _dense_weight(base) -> torch.Tensor:
@@ -135,16 +156,22 @@ def _dense_weight(base) -> torch.Tensor:
     if getattr(weight, "quant_state", None) is not None:
         import bitsandbytes as bnb
 
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # a CPU forward in eval mode repacked it for bitsandbytes' bf16 kernel; undone as bitsandbytes'
+            # own state_dict does (its absmax has been rounded to bf16 by then)
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return bnb.functional.dequantize_4bit(data, state)
     return weight.detach()
 
 
 @torch.no_grad()
-def merged_model(model, dtype: torch.dtype | None = None):
+def merged_model(model, dtype: torch.dtype | None = None, *, inplace: bool = False):
     """A copy of `model` with every adapter merged (`W + s B A`, added in fp32, stored in `dtype`, default
     the base weight's dtype; a 4-bit base is dequantized first): plain `nn.Linear` layers only, so it
-    saves as an ordinary Hugging Face `JanusForConditionalGeneration`. `model` is left unchanged."""
-    merged = copy.deepcopy(model)
+    saves as an ordinary Hugging Face `JanusForConditionalGeneration`. `model` is left unchanged, unless
+    `inplace` (no copy: what an export of a 7B model on CPU can afford), when it is the one returned."""
+    merged = model if inplace else copy.deepcopy(model)
     for name, layer in list(merged.named_modules()):
         if not is_adapted(layer):
             continue

@@ -11,8 +11,13 @@ trainer's `model.path`):
   (`TOY_TOKENIZER_FILE`), whose prompts are then the toy ones;
 - a checkpoint `RUN/checkpoints/step_N` (verified against its manifest first): the base model the run
   started from (its `model.path`, or the tiny random Janus rebuilt from the saved seed, palette and
-  tokenizer) with the checkpoint's trained weights (`trained_weights`) written over it;
-- a run folder: its newest verified checkpoint, chosen as a resumed run would choose it.
+  tokenizer) with the checkpoint's trained weights (`trained_weights`) written over it; a LoRA run's
+  (`model.lora.rank > 0`: its checkpoints hold the adapters only) gets the run's adapters first
+  (`run_lora`; on a base quantized to NF4 again when the run's was), so the policy is the adapted model
+  the run trained;
+- a run folder: its newest verified checkpoint, chosen as a resumed run would choose it;
+- an adapter folder `pairuni export --adapter-only` wrote: the base its `pairuni_export.json` names, rebuilt
+  as for a checkpoint, with the folder's adapters.
 
 Every problem is one line (`PolicySourceError`, a ValueError) naming the path, before a model loads
 where it can be found by looking at files.
@@ -20,6 +25,8 @@ where it can be found by looking at files.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import warnings
@@ -29,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from . import model as janus
 from .checkpoint import DCP_METADATA, STATE, is_sharded, read_state
 from .checkpoint_store import MANIFEST, CheckpointError, CheckpointStore, verify
@@ -41,6 +49,8 @@ log = logging.getLogger("pairuni.policy_io")
 TOY_TOKENIZER_FILE = "toy_tokenizer.json"
 #: Where an exported folder came from (source checkpoint, step, dtype, which weights, the run's config).
 EXPORT_INFO_FILE = "pairuni_export.json"
+#: The file that makes a folder a peft adapter folder (`pairuni export --adapter-only` writes one).
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class PolicySourceError(ValueError):
@@ -49,8 +59,9 @@ class PolicySourceError(ValueError):
 
 @dataclass
 class PolicySource:
-    """A resolved source. kind: "model" (a Hugging Face folder) | "checkpoint"; skipped: checkpoints
-    of a run passed over as damaged, one line each."""
+    """A resolved source. kind: "model" (a Hugging Face folder) | "checkpoint" | "adapter" (a LoRA run's adapters
+    alone, as `pairuni export --adapter-only` writes them); skipped: checkpoints of a run passed over as damaged,
+    one line each."""
 
     kind: str
     path: Path
@@ -75,6 +86,7 @@ class LoadedPolicy:
     config: dict | None = None
     step: int | None = None
     weights: str = "the model folder"
+    lora: object | None = None
 
 
 # ----------------------------------------------------------------------------- finding the source
@@ -102,6 +114,11 @@ def resolve_source(source: str | Path, *, key: str = "--model") -> PolicySource:
         for skipped in point.skipped:
             log.warning("%s: skipped %s", key, skipped)
         return PolicySource("checkpoint", point.path, point.skipped)
+    if (path / ADAPTER_CONFIG).is_file():
+        if not (path / EXPORT_INFO_FILE).is_file():
+            raise PolicySourceError(f"{key}: {source} is a peft adapter folder without {EXPORT_INFO_FILE}, so its base "
+                                    "model is unknown (load it with peft.PeftModel.from_pretrained on its base)")
+        return PolicySource("adapter", path)
     if (path / "config.json").is_file():
         try:
             check_model_dir(path, key=key)
@@ -169,54 +186,84 @@ def load_policy(source: str | Path | PolicySource, *, dtype: str | None = None, 
     frozen weights are built at the run's dtype first, so they are those the run trained with, then cast.
     """
     src = source if isinstance(source, PolicySource) else resolve_source(source, key=key)
-    if src.kind == "model":
+    if src.kind == "model":  # a Hugging Face folder: every weight is in it
         dtype = dtype or folder_dtype(src.path)
         model, prompts, tok = load_model_folder(src.path, dtype=dtype, device=device,
                                                 attn_implementation=attn_implementation)
         info = export_info(src.path)
         return LoadedPolicy(model.eval(), prompts, src, tok, src.path, info.get("config"), info.get("step"))
-    state = read_state(src.path)
-    run = (state.get("config") or {}).get("model") or {}
+    if src.kind == "adapter":
+        info = export_info(src.path)
+        toy = src.path / TOY_TOKENIZER_FILE
+        config, step = info.get("config") or {}, info.get("step")
+        tokenizer_json = toy.read_text() if toy.is_file() else None
+        write_weights = functools.partial(write_adapter_weights, folder=src.path, key=key)
+    else:
+        state = read_state(src.path)
+        config, step, tokenizer_json = state.get("config") or {}, int(state["step"]), state.get("tokenizer")
+        write_weights = functools.partial(write_trained_weights, checkpoint=src.path, key=key)
+    where = f"{key}: {'adapter folder' if src.kind == 'adapter' else 'checkpoint'} {src.path}"
+    run = config.get("model") or {}
     run_dtype = run.get("dtype", "float32")
+    adapters = run_lora(config)
+    if src.kind == "adapter" and adapters is None:
+        raise PolicySourceError(f"{where}: its {EXPORT_INFO_FILE} holds no model.lora settings")
+    nf4 = adapters is not None and adapters.quantize == "nf4"
+    build_device = "cpu" if nf4 else device  # an NF4 base is quantized on its way to `device`
     base = run.get("path")
     if base is None:
-        if "tokenizer" not in state:
-            raise PolicySourceError(f"{key}: checkpoint {src.path} has no model.path and no toy tokenizer in {STATE}")
-        tok = ToyTokenizer.from_json(state["tokenizer"])
-        model, prompts = tiny_policy(tok, device, dtype=run_dtype, seed=run.get("tiny_seed", 0),
+        if tokenizer_json is None:
+            raise PolicySourceError(f"{where} has no model.path and no toy tokenizer")
+        tok = ToyTokenizer.from_json(tokenizer_json)
+        model, prompts = tiny_policy(tok, build_device, dtype=run_dtype, seed=run.get("tiny_seed", 0),
                                      palette=run.get("tiny_palette", True))
-        tok_json, base_path = state["tokenizer"], None
+        tok_json, base_path = tokenizer_json, None
     else:
         base_path = Path(base)
         if not (base_path / "config.json").is_file():
-            raise PolicySourceError(f"{key}: checkpoint {src.path} was trained from model.path={base}, "
-                                    "which is not a model folder here")
-        model, prompts, tok_json = load_model_folder(base_path, dtype=run_dtype, device=device,
+            raise PolicySourceError(f"{where} was trained from model.path={base}, which is not a model folder here")
+        model, prompts, tok_json = load_model_folder(base_path, dtype=run_dtype, device=build_device,
                                                      attn_implementation=attn_implementation)
-    target = janus.DTYPES[dtype or run_dtype]
-    adapters = run.get("lora") or {}
-    if adapters.get("rank", 0) > 0:  # the checkpoint holds the adapters: on the base, then merged into it
-        add_run_adapters(model, adapters)
-    elif dtype is not None and dtype != run_dtype:
-        model = model.to(target)
-    weights = write_trained_weights(model, src.path, key=key)
-    if adapters.get("rank", 0) > 0:
-        from .lora import merged_model
-
-        model = merged_model(model, dtype=target).to(target)
-        weights += ", LoRA adapters merged into the base"
-    return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, state.get("config"), int(state["step"]), weights)
+    if dtype is not None and dtype != run_dtype:
+        model = model.to(janus.DTYPES[dtype])
+    if adapters is not None:
+        model = with_adapters(model, adapters, device, key=where)
+    weights = write_weights(model)
+    if adapters is not None:
+        weights = f"the LoRA adapters ({weights}) on the frozen base"
+    return LoadedPolicy(model.eval(), prompts, src, tok_json, base_path, config or None, step, weights, adapters)
 
 
-def add_run_adapters(model, lora: dict) -> None:
-    """Inject the LoRA adapters a run trained (its config's `model.lora`, as a dict) into `model`, in place, so
-    that the checkpoint's `lora_A` / `lora_B` weights have their parameters. The base stays dense: a run on a
-    4-bit NF4 base (CUDA) is read back onto its `model.path` weights unquantized, the usual QLoRA merge."""
+def run_lora(config: dict | None):
+    """The `model.lora` settings (a `config.LoraConfig`) of a run's saved config when it trained LoRA adapters
+    (rank > 0), else None. Keys this engine does not know are ignored."""
     from .config import LoraConfig
-    from .lora import add_adapters
 
-    known = {k: v for k, v in lora.items() if k in LoraConfig.__dataclass_fields__ and k != "quantize"}
-    add_adapters(model, LoraConfig(**known))
+    values = ((config or {}).get("model") or {}).get("lora") or {}
+    if int(values.get("rank", 0) or 0) <= 0:
+        return None
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def with_adapters(model, settings, device: torch.device | str, *, key: str):
+    """`model` with LoRA adapters of `settings` (their weights still B = 0), its language model's projections
+    first quantized to NF4 on the way to `device` when `settings.quantize` is nf4, as the run's were
+    (bitsandbytes: CUDA, or its CPU backend where the installed version has one). Raises PolicySourceError."""
+    if settings.quantize == "nf4":
+        try:
+            model = lora.nf4_layers(model).to(device)
+        except (ImportError, RuntimeError, NotImplementedError, AssertionError) as err:
+            raise PolicySourceError(f"{key} trained LoRA on a 4-bit NF4 base, which bitsandbytes cannot build on "
+                                    f"{device} here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                    "load it on a CUDA device") from None
+        unquantized = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"
+                       and getattr(p, "quant_state", None) is None]
+        if unquantized:
+            raise PolicySourceError(f"{key} trained LoRA on a 4-bit NF4 base, which this bitsandbytes does not "
+                                    f"quantize on {device} ({unquantized[0]}); load it on a CUDA device")
+    lora.add_adapters(model, settings)
+    return model
 
 
 def export_info(path: Path) -> dict:
@@ -279,22 +326,36 @@ def _dcp_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from loaded["model"].items()
 
 
-@torch.no_grad()
 def write_trained_weights(model, checkpoint: str | Path, *, key: str = "--model") -> str:
     """Copy `trained_weights(checkpoint)` into `model` (cast to each parameter's dtype); returns their origin.
     Raises PolicySourceError when the names do not match the model's parameters."""
     origin, weights = trained_weights(checkpoint)
+    _copy_weights(model, weights, f"{key}: checkpoint {checkpoint}")
+    return origin
+
+
+def write_adapter_weights(model, folder: str | Path, *, key: str = "--model") -> str:
+    """Copy the adapters of a peft adapter folder (`lora.adapter_file_weights`) into `model`, which carries
+    adapters of the same settings; returns their origin. Raises PolicySourceError on a name or shape mismatch."""
+    file = Path(folder) / lora.ADAPTER_FILE
+    if not file.is_file():
+        raise PolicySourceError(f"{key}: adapter folder {folder} has no {lora.ADAPTER_FILE}")
+    _copy_weights(model, lora.adapter_file_weights(file), f"{key}: adapter folder {folder}")
+    return f"the adapter file ({lora.ADAPTER_FILE})"
+
+
+@torch.no_grad()
+def _copy_weights(model, weights, where: str) -> None:
     named = dict(model.named_parameters())
     seen = set()
     for name, tensor in weights:
         if name not in named:
-            raise PolicySourceError(f"{key}: checkpoint {checkpoint} holds {name!r}, which the model does not have "
+            raise PolicySourceError(f"{where} holds {name!r}, which the model does not have "
                                     "(another model or engine version?)")
         if tuple(tensor.shape) != tuple(named[name].shape):
-            raise PolicySourceError(f"{key}: checkpoint {checkpoint}: {name!r} has shape {tuple(tensor.shape)}, "
+            raise PolicySourceError(f"{where}: {name!r} has shape {tuple(tensor.shape)}, "
                                     f"the model's is {tuple(named[name].shape)}")
         named[name].copy_(tensor)
         seen.add(name)
     if not seen:
-        raise PolicySourceError(f"{key}: checkpoint {checkpoint} holds no trained weights")
-    return origin
+        raise PolicySourceError(f"{where} holds no trained weights")

@@ -74,3 +74,18 @@ def trained_run(toy_world, tmp_path_factory, tiny_overrides):
     trainer = PairGRPOTrainer.from_config(load_config(None, tiny_overrides(toy_world, run)))
     trainer.train()
     return trainer, run
+
+
+@pytest.fixture(scope="session")
+def lora_run(toy_world, tmp_path_factory, tiny_overrides):
+    """(trainer after 2 steps, run dir): a tiny-model LoRA run (rank 4 on every target, fp32 base, lr 1e-2 so the
+    adapters move far from B = 0), checkpointed at its last step. Session-scoped: tests read it, never change it."""
+    from engine.config import load_config
+    from engine.trainer import PairGRPOTrainer
+
+    run = tmp_path_factory.mktemp("lora") / "run"
+    extra = {"model.lora.rank": 4, "model.lora.alpha": 8, "model.lora.targets": "[attention,mlp,generation_head,lm_head]",
+             "optim.lr": 1e-2}
+    trainer = PairGRPOTrainer.from_config(load_config(None, tiny_overrides(toy_world, run, **extra)))
+    trainer.train()
+    return trainer, run

@@ -165,3 +165,16 @@ def test_evaluation_during_training_leaves_the_trajectory_unchanged(toy_world, t
     assert [p.to_record()["generate_ann"]["id"] for p in read_pairs(held)] == [p.generate.source_id for p in expected]
     for p, q in zip(read_pairs(held), expected):
         assert Path(p.understand.image_path) == (Path(toy_world).parent / q.understand.image_path).resolve()
+
+
+def test_cli_eval_of_a_lora_run_equals_in_process_evaluate(lora_run, toy_world, tmp_path, capsys):
+    """`pairuni eval --model RUN_DIR` of a LoRA run rebuilds the adapted policy (base + the run's adapters)."""
+    trainer, run = lora_run
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", str(run), "--pairs", str(toy_world), "--out", str(out), "--seed", "3",
+                     "--samples", "2", "--max-pairs", "4", "--no-progress"]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    mine = _eval(trainer, read_pairs(toy_world)[:4], Path(toy_world).parent, seed=3, samples=2)
+    assert saved["summary"] == json.loads(json.dumps(mine.summary))
+    assert saved["prompts"] == json.loads(json.dumps(mine.prompts)) and saved["questions"] == mine.questions
+    assert "adapters" in saved["settings"]["weights"]

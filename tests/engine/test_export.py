@@ -93,14 +93,19 @@ def test_reloaded_export_computes_what_the_trained_policy_computes(trained_run, 
     assert policy.step == 2 and policy.config["rollout"] == trainer.cfg.to_dict()["rollout"]
 
 
-def test_export_refuses_an_existing_out_without_overwrite(trained_run, tmp_path, capsys):
-    _, run = trained_run
-    out = tmp_path / "out"
+def _refused_over(out: Path, run: Path, capsys) -> None:
+    """`pairuni export run --out out` over an existing `out` is a one-line error that leaves `out` as it was."""
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert cli.main(["export", str(run), "--out", str(out)]) == 2
     assert "--overwrite" in _one_line_error(capsys)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_export_refuses_an_existing_out_without_overwrite(trained_run, tmp_path, capsys):
+    _, run = trained_run
+    out = tmp_path / "out"
+    _refused_over(out, run, capsys)
     assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stage or old copy left beside it
@@ -290,3 +295,165 @@ def test_a_lora_run_exports_and_evaluates_with_its_adapters_merged(toy_world, tm
     assert cli.main(["eval", "--model", str(run), "--pairs", str(toy_world), "--samples", "1", "--max-pairs", "2",
                      "--no-progress"]) == 0
     assert "overall" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- LoRA runs
+def _logits(model, vocab: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text logits [3, 9, V], image logits [3, 4, K]) of `model` on fresh random ids and hidden states, in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, vocab, (3, 9), generator=g)
+    dtype = next(model.parameters()).dtype
+    janus_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft.PeftModel
+    h = torch.randn(3, 4, model.config.text_config.hidden_size, generator=g).to(dtype)
+    with torch.no_grad():
+        text = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        image = janus_model.model.generation_head(h)
+    return text.float(), image.float()
+
+
+def _max_rel_error(got, want) -> float:
+    return float((got - want).abs().max()) / float(want.abs().max())
+
+
+def test_lora_run_exports_merged_and_reloads_without_peft(lora_run, tmp_path):
+    """The merged export is a plain JanusForConditionalGeneration whose logits equal the adapted policy's: in fp32
+    up to the merge's reassociation (W x + s B (A x) vs (W + s B A) x: a few fp32 ulps of the largest logit); at
+    bfloat16 equal to the adapted policy loaded in bf16 (base weights and activations in bf16, fp32 adapters) up to
+    bf16 noise: both round every weight and activation to 8 mantissa bits (relative 2^-9 each), differently, through
+    2 layers; 3% of the largest logit, while the adapters move the logits by far more than that."""
+    from transformers import JanusForConditionalGeneration
+
+    from engine import lora
+
+    trainer, run = lora_run
+    vocab = len(trainer.prompts.tok)
+    want = _logits(trainer.model, vocab)
+    base = load_policy(run).model
+    assert any(lora.is_adapted(m) for m in base.modules())
+    plain = lora.merged_model(base)
+    for layer in (m for m in base.modules() if lora.is_adapted(m)):  # the base alone: adapters off
+        layer.lora_B["default"].weight.data.zero_()
+    unadapted = _logits(base, vocab)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 3e-2)):
+        out = tmp_path / dtype
+        assert export.main([str(run), "--out", str(out), "--dtype", dtype]) == 0
+        assert not (out / "adapter_model.safetensors").exists()
+        reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True, use_safetensors=True).eval()
+        assert set(reloaded.state_dict()) == set(plain.state_dict())  # no peft names: a plain model
+        assert all(p.dtype == janus.DTYPES[dtype] for p in reloaded.parameters())
+        ref = want if dtype == "float32" else _logits(load_policy(run, dtype=dtype).model, vocab)
+        for got, expected, before in zip(_logits(reloaded, vocab), ref, unadapted):
+            assert _max_rel_error(got, expected) < tol, (dtype, _max_rel_error(got, expected))
+            assert _max_rel_error(before, expected) > 10 * tol  # the adapters matter
+        info = json.loads((out / export.EXPORT_INFO_FILE).read_text())
+        assert info["lora"]["merged"] and info["lora"]["rank"] == 4 and "adapters" in info["weights"]
+    # fp32 export: every merged weight is W + s B A added in fp32, the rest the run's frozen base
+    written = load_file(str(tmp_path / "float32" / "model.safetensors"))
+    for name, layer in trainer.model.named_modules():
+        if lora.is_adapted(layer):
+            a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+            assert torch.equal(written[f"{name}.weight"], layer.get_base_layer().weight + (b @ a) * s), name
+
+
+def test_lora_run_exports_the_adapter_alone_for_peft(lora_run, tmp_path, capsys):
+    import peft
+
+    trainer, run = lora_run
+    out = tmp_path / "adapter"
+    assert cli.main(["export", str(run), "--out", str(out), "--adapter-only"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_model.safetensors", "adapter_config.json",
+                                                            TOY_TOKENIZER_FILE, export.EXPORT_INFO_FILE])
+    info = json.loads((out / export.EXPORT_INFO_FILE).read_text())
+    assert info["lora"]["merged"] is False and info["base_model"] is None and "tiny random Janus" in info["base"]
+    assert all(".lora_A." in n or ".lora_B." in n for n in load_file(str(out / "adapter_model.safetensors")))
+    # a fresh base, rebuilt from what the folder says, with peft's own loader
+    model_cfg = info["config"]["model"]
+    fresh, _ = tiny_policy(ToyTokenizer.from_json((out / TOY_TOKENIZER_FILE).read_text()), "cpu",
+                           dtype=model_cfg["dtype"], seed=model_cfg["tiny_seed"], palette=model_cfg["tiny_palette"])
+    before = _logits(fresh, len(trainer.prompts.tok))
+    adapted = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
+    got, want = _logits(adapted, len(trainer.prompts.tok)), _logits(trainer.model, len(trainer.prompts.tok))
+    for g, w, b in zip(got, want, before):
+        assert torch.equal(g, w) and not torch.allclose(b, w)
+    # the folder is a policy source of its own: its base rebuilt from pairuni_export.json, its adapters on it
+    policy = load_policy(out)
+    assert policy.source.kind == "adapter" and policy.step == 2 and policy.lora.rank == 4
+    for g, w in zip(_logits(policy.model, len(trainer.prompts.tok)), want):
+        assert torch.equal(g, w)
+    (out / export.EXPORT_INFO_FILE).rename(tmp_path / "info.json")
+    with pytest.raises(export.PolicySourceError, match="base model is unknown"):
+        load_policy(out)
+    (tmp_path / "info.json").rename(out / export.EXPORT_INFO_FILE)
+    # refused where it makes no sense, and like every export over an existing folder
+    assert cli.main(["export", str(run), "--out", str(out), "--adapter-only"]) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+
+
+def test_lora_export_refuses_an_existing_out_and_adapter_only_of_a_full_run(lora_run, trained_run, tmp_path, capsys,
+                                                                            no_model_loads):
+    _, run = lora_run
+    _refused_over(tmp_path / "out", run, capsys)
+    _, full = trained_run
+    assert cli.main(["export", str(full), "--out", str(tmp_path / "adapter"), "--adapter-only"]) == 2
+    assert "not a LoRA run" in _one_line_error(capsys)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_training_continues_from_a_merged_lora_export(lora_run, toy_world, tmp_path, tiny_overrides):
+    trainer, run = lora_run
+    merged = tmp_path / "merged"
+    assert export.main([str(run), "--out", str(merged), "--dtype", "float32"]) == 0
+    written = load_file(str(merged / "model.safetensors"))
+    run2 = tmp_path / "run2"
+    assert cli.main(["train", *tiny_overrides(toy_world, run2, **{"model.path": str(merged), "train.steps": 1})]) == 0
+    cfg = load_config(None, tiny_overrides(toy_world, tmp_path / "run3", **{"model.path": str(merged)}))
+    start = PairGRPOTrainer.from_config(cfg).model.state_dict()
+    assert all(torch.equal(start[n], t) for n, t in written.items() if n in start)
+    moved = load_file(str(next((run2 / "checkpoints").glob("step_*")) / "policy.safetensors"))
+    assert moved and any(not torch.equal(t, written[n]) for n, t in moved.items())
+
+
+def test_nf4_lora_run_merges_its_dequantized_base(lora_run, tmp_path):
+    """A LoRA run on an NF4 base (its checkpoint, relabelled: NF4 training needs CUDA) exports W_nf4 + s B A, with
+    W_nf4 the bitsandbytes NF4 round trip of the base weight (what the 4-bit run computed with), not W + s B A.
+    Needs a bitsandbytes that quantizes on CPU; else the error says to load it on CUDA."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from engine import lora
+    from engine.checkpoint_store import write_manifest
+
+    trainer, run = lora_run
+    ckpt = tmp_path / "step_000002"
+    shutil.copytree(_checkpoint(run), ckpt)
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    state["config"]["model"]["lora"]["quantize"] = "nf4"
+    (ckpt / "state.json").write_text(json.dumps(state))
+    write_manifest(ckpt, 2)
+    out = tmp_path / "merged"
+    try:
+        export.export_policy(ckpt, out, dtype="float32")
+    except export.PolicySourceError as err:
+        assert "NF4" in str(err) and "CUDA" in str(err)
+        pytest.skip(f"this bitsandbytes has no CPU NF4: {err}")
+    written = load_file(str(out / "model.safetensors"))
+    name = "model.language_model.layers.1.mlp.down_proj"
+    layer = trainer.model.get_submodule(name)
+    w = layer.get_base_layer().weight.detach()
+    q, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with torch.no_grad():
+        delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    want = bnb.functional.dequantize_4bit(q, qs).float() + delta
+    assert torch.equal(written[f"{name}.weight"], want)
+    assert float((written[f"{name}.weight"] - (w + delta)).abs().max()) > 1e-3 * float(w.abs().max())
+    assert torch.equal(written["lm_head.weight"], lora.merged_model(trainer.model).lm_head.weight)  # heads: not NF4
+    # the policy load_policy rebuilds (4-bit layers + adapters, what eval runs) computes what the merged folder does
+    from transformers import JanusForConditionalGeneration
+
+    policy = load_policy(ckpt)
+    assert type(policy.model.get_submodule(name).get_base_layer()).__name__ == "Linear4bit"
+    reloaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True, use_safetensors=True).eval()
+    vocab = len(trainer.prompts.tok)
+    # within bf16 noise (3%, as for the bf16 export): on CPUs with AVX512-BF16, bitsandbytes' CPU NF4 kernel
+    # (eval mode, no grad) repacks the weight with bf16 block scales and computes in bf16
+    for got, want in zip(_logits(reloaded, vocab), _logits(policy.model, vocab)):
+        assert _max_rel_error(got, want) < 3e-2

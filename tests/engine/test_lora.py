@@ -204,21 +204,48 @@ def test_nf4_layers_are_the_projections_the_planner_counts(tiny):
 
 
 def test_saved_adapter_loads_back_into_a_fresh_model(tmp_path, tiny):
+    """The folder is what peft writes: `peft.PeftModel.from_pretrained` on a fresh base gets every adapter weight
+    (a silently missing key would leave B = 0), and nothing but adapters is saved, even with lm_head adapted."""
     import peft
+    from safetensors.torch import load_file
 
     from engine.config import LoraConfig
 
-    settings = LoraConfig(rank=3, alpha=6.0, targets=["attention", "generation_head"])
-    fresh = janus.tiny_janus(96, seed=3)
-    for m in (tiny, fresh):
-        lora.add_adapters(m, settings)
+    settings = LoraConfig(rank=3, alpha=6.0, targets=["attention", "generation_head", "lm_head"])
+    lora.add_adapters(tiny, settings)
     _randomize_adapters(tiny, 4)
-    lora.save_adapter(tiny, tmp_path / "adapter")
-    loaded = peft.load_peft_weights(str(tmp_path / "adapter"), device="cpu")
-    peft.set_peft_model_state_dict(fresh, loaded, adapter_name="default")
+    lora.save_adapter(tiny, tmp_path / "adapter", base_model="some/base")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(n.startswith(lora.PEFT_PREFIX) and (".lora_A." in n or ".lora_B." in n) for n in saved)
+    loaded = peft.PeftModel.from_pretrained(janus.tiny_janus(96, seed=3), str(tmp_path / "adapter"))
+    assert loaded.peft_config["default"].base_model_name_or_path == "some/base"
     want = lora.adapter_state(tiny)
-    assert set(lora.adapter_state(fresh)) == set(want)
-    for n, p in lora.adapter_state(fresh).items():
+    got = {n.removeprefix(lora.PEFT_PREFIX): p for n, p in lora.adapter_state(loaded).items()}
+    assert set(got) == set(want)
+    for n, p in got.items():
         assert torch.equal(p, want[n]), n
     with pytest.raises(ValueError, match="no LoRA adapter"):
         lora.save_adapter(janus.tiny_janus(96), tmp_path / "none")
+
+
+def test_merge_after_a_cpu_nf4_forward_reads_the_repacked_weight(tiny):
+    """bitsandbytes' CPU kernel (AVX512-BF16, eval, no grad) repacks a 4-bit weight on its first forward, with
+    bf16 block scales; `merged_model` then unpacks it as bitsandbytes' state_dict does. Equal to the merge before
+    the forward up to the bf16 rounding of the block scales (relative 2^-9, 1% allowed); without the unpacking the
+    dequantized bits are in the wrong order (errors of the weights' own size)."""
+    from engine.config import LoraConfig
+
+    model = lora.nf4_layers(tiny).to("cpu")
+    lora.add_adapters(model, LoraConfig(rank=2))
+    _randomize_adapters(model, 5)
+    model.eval()
+    before = lora.merged_model(model).state_dict()
+    ids = torch.randint(6, 96, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    state = model.get_submodule("model.language_model.layers.0.self_attn.q_proj").get_base_layer().weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU / bitsandbytes does not repack 4-bit weights")
+    after = lora.merged_model(model).state_dict()
+    for name, want in before.items():
+        assert float((after[name] - want).abs().max()) <= 1e-2 * float(want.abs().max()), name
