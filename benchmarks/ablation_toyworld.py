@@ -94,6 +94,7 @@ class StudySettings:
     probe_batches: int = 12
     eval_samples: int = 2  # images drawn per held-out prompt
     world_seed: int = 1234
+    open_questions: bool = False  # True: `open_question`s instead of the toy world's multiple-choice questions
     variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
     run_overrides: dict = field(default_factory=lambda: {
         "data.pairs_per_step": 4, "rollout.group_size": 8, "rollout.max_new_tokens": 4, "optim.micro_batch_size": 16,
@@ -111,6 +112,38 @@ def scene_of(sample) -> Scene:
     """The toy-world scene a sample was rendered from (its `attributes`)."""
     a = sample.meta["attributes"]
     return Scene(a["color"], a["shape"], tuple(POSITIONS.index(p) for p in a["positions"]))
+
+
+def open_question(sample):
+    """The sample's question without its options, answered by the attribute word itself ("red", "circle",
+    "3", "top left"): no option letter to guess, so a policy scores only by reading the image (or by the
+    prior of one answer, which `answer_prior` measures)."""
+    import dataclasses
+
+    a, qtype = sample.meta["attributes"], sample.tag.split("/")[-1]
+    truth = {"color": a["color"], "shape": a["shape"], "count": str(a["count"]),
+             "position": a["positions"][0]}[qtype]
+    return dataclasses.replace(sample, question=sample.question.split("\n")[0], answer=truth)
+
+
+def with_open_questions(pairs: list[Pair]) -> list[Pair]:
+    import dataclasses
+
+    return [dataclasses.replace(p, understand=open_question(p.understand)) for p in pairs]
+
+
+def answer_prior(train: list[Pair], test: list[Pair]) -> float:
+    """Accuracy on `test` of the best answer-prior policy: for each question's first word pair ("What color",
+    "How many", ...) the training set's most common answer, image ignored."""
+    from collections import Counter
+
+    def kind(p):
+        return " ".join(p.understand.question.split()[:2])
+
+    common = {}
+    for k in {kind(p) for p in train}:
+        common[k] = Counter(p.understand.answer for p in train if kind(p) == k).most_common(1)[0][0]
+    return sum(common.get(kind(p)) == p.understand.answer for p in test) / len(test)
 
 
 def repaired(pairs: list[Pair], seed: int) -> list[Pair]:
@@ -132,6 +165,8 @@ def build_world(work: Path, s: StudySettings) -> dict[str, Path]:
     world = work / "world"
     generate_toy_world(s.n_train + s.n_eval, world, seed=s.world_seed, overwrite=True, progress=False)
     pairs = read_pairs(world / "pairs.jsonl")
+    if s.open_questions:
+        pairs = with_open_questions(pairs)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.world_seed)).tolist()
     held = set(order[: s.n_eval])
     files = {"built": world / "train_built.jsonl", "eval": world / "eval.jsonl"}
@@ -275,9 +310,12 @@ def plot(table: dict, path: Path) -> None:
               ("probe/difference", "grad cosine: built - random pairs"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4), sharey=True)
     for ax, (key, title) in zip(axes, panels):
-        means = [table[n][key]["mean"] or 0.0 for n in names]
+        means = [table[n][key]["mean"] for n in names]
         stds = [table[n][key]["std"] or 0.0 for n in names]
-        ax.barh(range(len(names)), means, xerr=stds, color="#4a7fb5", capsize=3)
+        shown = [i for i, m in enumerate(means) if m is not None]
+        ax.barh(shown, [means[i] for i in shown], xerr=[stds[i] for i in shown], color="#4a7fb5", capsize=3)
+        for i in set(range(len(names))) - set(shown):  # undefined (e.g. every probe batch skipped): said, not drawn as 0
+            ax.text(0, i, " n/a", va="center", color="#888888")
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_title(title)
@@ -293,6 +331,7 @@ def run_study(s: StudySettings, work: Path, out: Path | None, command: str) -> d
     t0 = time.perf_counter()
     files = build_world(work, s)
     built, eval_pairs = read_pairs(files["built"]), read_pairs(files["eval"])
+    priors = {"seen": answer_prior(built, built), "held_out": answer_prior(built, eval_pairs)}
     starts = [initial(files, seed, s, work, built, eval_pairs) for seed in s.seeds]
     runs = []
     variants = [v for v in VARIANTS if v.name in s.variants]
@@ -305,6 +344,8 @@ def run_study(s: StudySettings, work: Path, out: Path | None, command: str) -> d
             "n_eval": s.n_eval, "steps": s.steps, "seeds": list(s.seeds), "probe_batches": s.probe_batches,
             "eval_samples": s.eval_samples, "world_seed": s.world_seed, "run_overrides": s.run_overrides,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+    meta["answer_prior_accuracy"] = priors
+    meta["open_questions"] = s.open_questions
     result = {"meta": meta, "table": table, "initial": starts, "runs": runs}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                     help=f"run only these variants (default: all): {', '.join(repr(v.name) for v in VARIANTS)}")
+    ap.add_argument("--open-questions", action="store_true",
+                    help="ask each understanding question without its options, answered by the attribute word "
+                         "(default: the toy world's multiple-choice questions)")
     ap.add_argument("--work", default="/tmp/pairuni_ablation", help="toy world and run directories")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                     help="where ablation_toyworld.{json,md,png} go ('' for nowhere)")
@@ -334,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         s.steps = args.steps
     if args.seeds is not None:
         s.seeds = tuple(range(args.seeds))
+    if args.open_questions:
+        s.open_questions = True
     if args.variants is not None:
         unknown = [v for v in args.variants if v not in {x.name for x in VARIANTS}]
         if unknown:

@@ -56,3 +56,23 @@ def test_quick_study_writes_its_table_json_and_plot(ablation, tmp_path):
     assert all(name in md for name in ablation.QUICK_VARIANTS)
     assert (out / "ablation_toyworld.png").stat().st_size > 1000
     assert math.isfinite(result["meta"]["wall_min"])
+
+
+def test_open_questions_drop_the_options_and_answer_with_the_attribute(ablation, tmp_path):
+    from engine.data.io import read_pairs
+    from engine.data.toyworld import generate_toy_world
+    from engine.rewards import answer_accuracy
+
+    generate_toy_world(20, tmp_path / "w", seed=4, size=32, progress=False)
+    pairs = read_pairs(tmp_path / "w" / "pairs.jsonl")
+    for p, o in zip(pairs, ablation.with_open_questions(pairs)):
+        q, a = o.understand.question, o.understand.answer
+        assert "\n" not in q and q == p.understand.question.split("\n")[0]
+        # the open answer is the option the letter pointed at
+        options = dict(line.split(". ", 1) for line in p.understand.question.split("\n")[1:5])
+        assert options[p.understand.answer] == a
+        assert answer_accuracy(a, a) == 1.0 and answer_accuracy(p.understand.answer, a) == 0.0
+        assert o.generate == p.generate
+    # the answer-prior baseline: perfect on a set where every question kind has one answer, below 1 otherwise
+    opened = ablation.with_open_questions(pairs)
+    assert 0.0 < ablation.answer_prior(opened, opened) < 1.0
