@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open-questions", action="store_true",
                     help="ask each understanding question without its options, answered by the attribute word "
                          "(default: the toy world's multiple-choice questions)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides of every run, e.g. model.train_modules=[...]")
     ap.add_argument("--work", default="/tmp/pairuni_ablation", help="toy world and run directories")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                     help="where ablation_toyworld.{json,md,png} go ('' for nowhere)")
@@ -380,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         s.seeds = tuple(range(args.seeds))
     if args.open_questions:
         s.open_questions = True
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set: expected KEY=VALUE, got {item!r}")
+        s.run_overrides = {**s.run_overrides, key: value}
     if args.variants is not None:
         unknown = [v for v in args.variants if v not in {x.name for x in VARIANTS}]
         if unknown:
