@@ -35,7 +35,6 @@ on the initial model and on each trained one. Results: JSON, a markdown table an
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -206,8 +205,7 @@ def probe(trainer, built: list[Pair], s: StudySettings, seed: int) -> dict:
     pairs = trainer.pairs
     trainer.pairs = built
     try:
-        cfg = copy.deepcopy(trainer.cfg)
-        result = probe_gradients(cfg, num_batches=s.probe_batches, pairs_per_batch=1, seed=seed, trainer=trainer)
+        result = probe_gradients(trainer.cfg, num_batches=s.probe_batches, pairs_per_batch=1, seed=seed, trainer=trainer)
     finally:
         trainer.pairs = pairs
     summary = result.summary

@@ -26,6 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(register, command: str, argv: list[str] | None = None) -> int:
+    """`python -m engine.<module>`: one subcommand's parser (`register`) run on `argv` (default: sys.argv)."""
+    parser = argparse.ArgumentParser(prog="pairuni")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([command, *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

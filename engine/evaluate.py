@@ -22,7 +22,6 @@ in chunks of `batch_rows` (default: rollout.max_batch, else a training step's P 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -360,10 +359,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:  # `python -m engine.evaluate`
-    parser = argparse.ArgumentParser(prog="pairuni")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    from .cli import run_command
+
+    return run_command(register, "eval", argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ never half-written (a killed export leaves a hidden `.NAME.*` folder beside it, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -195,10 +194,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:  # `python -m engine.export`
-    parser = argparse.ArgumentParser(prog="pairuni")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    from .cli import run_command
+
+    return run_command(register, "export", argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ Outputs: a table on stdout, and with `--out DIR`: `gradient_probe.json` (every n
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -424,10 +423,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:  # `python -m engine.probe`
-    parser = argparse.ArgumentParser(prog="pairuni")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["probe-gradients", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    from .cli import run_command
+
+    return run_command(register, "probe-gradients", argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Under `torchrun --nproc_per_node N -m engine.train_cli ...` the run is data-para
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -88,10 +87,9 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> int:  # `python -m engine.train_cli`
-    parser = argparse.ArgumentParser(prog="pairuni")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    from .cli import run_command
+
+    return run_command(register, "train", argv)
 
 
 if __name__ == "__main__":
