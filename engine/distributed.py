@@ -122,10 +122,20 @@ def init_from_env(device: str = "auto") -> DistEnv | None:
     return _ENV
 
 
-def shutdown() -> None:
-    """Destroy the process group started by `init_from_env` (tests start several in one process)."""
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Destroy the process group started by `init_from_env` (tests start several in one process).
+
+    wait_for_peers: first wait until every rank has got here (a barrier), so that no rank tears its gloo
+    connections down while another still works after the last collective (rank 0 writing its files):
+    that race aborted a peer at exit ("terminate called without an active exception"). Only on a
+    successful exit: after an error a peer may never arrive. A barrier that fails is only logged."""
     global _ENV
     if _ENV is not None and dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except (RuntimeError, dist.DistError) as err:  # a peer that already left
+                log.warning("shutdown: ranks did not all reach the end together (%s)", err)
         dist.destroy_process_group()
     _ENV = None
 

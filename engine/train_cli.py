@@ -46,15 +46,17 @@ def run(args) -> int:
     except ValueError as exc:  # a checkpoint that verified but does not load, a bad model folder, ...
         distributed.shutdown()
         return _fail(args, exc)
+    finished = False
     try:
         summary = trainer.train()
+        finished = True
     except NonFiniteError as exc:  # names its step
         return _fail(args, exc)
     except (ValueError, RuntimeError) as exc:  # CheckpointError, a rollout on a broken policy, ...
         return _fail(args, exc, f"step {trainer.step + 1}: ")
     finally:
         main = distributed.is_main()
-        distributed.shutdown()  # torchrun: leave the process group cleanly
+        distributed.shutdown(wait_for_peers=finished)  # torchrun: leave the process group cleanly
     if main:  # one summary per job, from rank 0
         print(format_summary(summary))
     return 0

@@ -38,6 +38,7 @@ def worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> 
     from engine.config import load_config
     from engine.trainer import PairGRPOTrainer
 
+    finished = False
     try:
         trainer = PairGRPOTrainer.from_config(load_config(None, overrides))
         summary = trainer.train()
@@ -47,8 +48,9 @@ def worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> 
         if rank == 0:
             torch.save({"rows": trainer_rows(trainer), "params": params, "grads": grads, "summary": summary,
                         "param_type": type(named[0][1]).__name__}, out)
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait_for_peers=finished)
 
 
 def single(out: str, overrides: list[str]) -> None:
