@@ -38,13 +38,18 @@ def overrides(world_dir: Path, run_dir: Path, **extra) -> list[str]:
 # A free port found by binding port 0 can be taken by another process before rank 0 listens on it;
 # only that rendezvous failure is retried (with a new port), never a wrong result.
 _RENDEZVOUS_ERRORS = ("EADDRINUSE", "Address already in use", "DistNetworkError", "Connection refused")
+# Also retried: a gloo rank aborting in C++ ("terminate called without an active exception", SIGABRT, no
+# Python traceback). Seen in 2 of 4 fresh-clone suite runs (and once before), never in 24 direct runs of the
+# same worker (tests/engine/dist_worker.py) with or without CPU load, so not yet explained; an abort is a crash,
+# never a wrong result, and a repeated one still fails the test.
+_RETRIED = _RENDEZVOUS_ERRORS + ("terminate called without an active exception",)
 
 
 def run(world: int, out: Path, args: list[str]) -> dict:
     for attempt in range(3):
         proc = subprocess.run([sys.executable, str(WORKER), "--world", str(world), "--out", str(out), "--", *args],
                               capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0 or not any(e in proc.stderr for e in _RENDEZVOUS_ERRORS):
+        if proc.returncode == 0 or not any(e in proc.stderr for e in _RETRIED):
             break
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)

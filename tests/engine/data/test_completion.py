@@ -103,6 +103,7 @@ class ToyVLM:
         body = handler.rfile.read(int(handler.headers["Content-Length"])).decode()
         with self.lock:
             self.in_flight += 1
+            handler.counted = True
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             transient = self.transient_failures > 0
             self.transient_failures -= transient
@@ -122,6 +123,12 @@ class ToyVLM:
                                                    "message": {"role": "assistant", "content": content}}]}, task, body)
         finally:
             with self.lock:
+                self.in_flight -= 1
+
+    def _uncount(self, handler):
+        with self.lock:
+            if getattr(handler, "counted", False):
+                handler.counted = False
                 self.in_flight -= 1
 
     def _send(self, handler, status, obj, task, body, headers=None):
