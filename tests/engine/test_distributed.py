@@ -7,6 +7,7 @@ the plain single-process trainer (no process group, no FSDP) on the same global 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,18 @@ _RETRIED = _RENDEZVOUS_ERRORS + ("terminate called without an active exception",
 
 
 def run(world: int, out: Path, args: list[str]) -> dict:
+    """Runs the worker; a retried attempt starts from the run dir as it was before the first one (an abort
+    can come after the run has written its files)."""
+    run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.run_dir=")))
+    before = out.with_name(out.name + ".run_dir_before")
+    if run_dir.exists():
+        shutil.copytree(run_dir, before)
     for attempt in range(3):
+        if attempt:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if before.exists():
+                shutil.copytree(before, run_dir)
+            out.unlink(missing_ok=True)
         proc = subprocess.run([sys.executable, str(WORKER), "--world", str(world), "--out", str(out), "--", *args],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode == 0 or not any(e in proc.stderr for e in _RETRIED):
