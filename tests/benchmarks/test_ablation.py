@@ -40,10 +40,11 @@ def test_repairing_moves_every_generation_half_and_keeps_real_similarities(ablat
 @pytest.mark.slow
 def test_quick_study_writes_its_table_json_and_plot(ablation, tmp_path):
     out = tmp_path / "out"
-    assert ablation.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert ablation.main(["--quick", "--jobs", "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads((out / "ablation_toyworld.json").read_text())
+    assert "2 processes" in result["meta"]["machine"]  # the runs went through the process pool
     assert [r["variant"] for r in result["runs"]] == list(ablation.QUICK_VARIANTS)
-    assert set(result["table"]) == {"(untrained)", *ablation.QUICK_VARIANTS}
+    assert set(result["table"]) == {ablation.START, *ablation.QUICK_VARIANTS}
     for r in result["runs"]:
         for where in ("end", "end_seen"):
             for key in ("understanding_accuracy", "generation_reward", "attribute_score"):
@@ -56,6 +57,14 @@ def test_quick_study_writes_its_table_json_and_plot(ablation, tmp_path):
     assert all(name in md for name in ablation.QUICK_VARIANTS)
     assert (out / "ablation_toyworld.png").stat().st_size > 1000
     assert math.isfinite(result["meta"]["wall_min"])
+    # the paired comparisons: each run minus its own seed's start, and minus PairUni's arm of the same seed
+    start = result["initial"][0]
+    for r in result["runs"]:
+        got = result["table"][r["variant"]]["delta/held_out/generation_reward"]["mean"]
+        assert got == pytest.approx(r["end"]["generation_reward"] - start["start"]["generation_reward"])
+    vs = result["table"]["random pairs"]["vs_pairuni/seen/generation_reward"]
+    assert (a["variant"], b["variant"]) == ("random pairs", ablation.PAIRUNI)
+    assert vs["mean"] == pytest.approx(a["end_seen"]["generation_reward"] - b["end_seen"]["generation_reward"])
 
 
 def test_open_questions_drop_the_options_and_answer_with_the_attribute(ablation, tmp_path):
@@ -76,3 +85,41 @@ def test_open_questions_drop_the_options_and_answer_with_the_attribute(ablation,
     # the answer-prior baseline: perfect on a set where every question kind has one answer, below 1 otherwise
     opened = ablation.with_open_questions(pairs)
     assert 0.0 < ablation.answer_prior(opened, opened) < 1.0
+
+
+def test_transfer_split_keeps_the_colour_out_of_every_understanding_half(ablation, tmp_path):
+    from engine.data.io import read_pairs
+
+    s = ablation.StudySettings(n_train=40, n_eval=20, n_pretrain=60, seeds=(0,), transfer="purple")
+    files = ablation.build_world(tmp_path, s)
+    for key in ("built", "eval", "pretrain", "repaired_0"):
+        pairs = read_pairs(files[key])
+        assert pairs and not any(ablation.involves(p.understand, "purple") for p in pairs), key
+    generated = [p.generate.meta["attributes"]["color"] for key in ("built", "pretrain") for p in read_pairs(files[key])]
+    assert "purple" in generated  # the concept is still in generation data
+    concept = read_pairs(files["transfer_concept"])
+    control = read_pairs(files["transfer_control"])
+    assert concept and control
+    assert all(p.understand.answer == "purple" and p.understand.question.startswith("What color") for p in concept)
+    assert all(p.understand.answer != "purple" and p.understand.answer == p.understand.meta["attributes"]["color"]
+               for p in control)
+    with pytest.raises(ValueError, match="transfer"):
+        ablation.build_world(tmp_path / "bad", ablation.StudySettings(n_train=8, n_eval=4, n_pretrain=20, seeds=(0,),
+                                                                     transfer="magenta"))
+
+
+@pytest.mark.slow
+def test_quick_transfer_study_reports_the_concept_scores(ablation, tmp_path):
+    out = tmp_path / "out"
+    assert ablation.main(["--quick", "--transfer", "purple", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads((out / "ablation_transfer.json").read_text())
+    assert set(result["transfer"]) == {ablation.START, ablation.CONTROL, *ablation.QUICK_VARIANTS}
+    gap = result["transfer"][ablation.START]["lift_minus_control"]
+    assert gap["mean"] == pytest.approx(result["initial"][0]["transfer_start"]["lift"]
+                                        - result["control"][0]["transfer_start"]["lift"])
+    for run in [*result["runs"], *result["initial"], *result["control"]]:
+        scores = run.get("transfer_end") or run["transfer_start"]
+        assert 0.0 <= scores["concept_accuracy"] <= 1.0 and 0.0 <= scores["control_accuracy"] <= 1.0
+        assert math.isfinite(scores["lift"]) and scores["logp_concept"] < 0
+    assert "Transfer test" in (out / "ablation_transfer.md").read_text()
+    assert not (out / "ablation_toyworld.json").exists()  # the main study's results are not overwritten
