@@ -1,6 +1,7 @@
 """Does pairing help? PairUni's data and pair-weighting ablations, reproduced on the toy world.
 
     python benchmarks/ablation_toyworld.py --jobs 2        # the study: 7 variants x 5 seeds, 2 runs at a time
+    python benchmarks/ablation_toyworld.py --transfer purple --jobs 2   # the transfer test (see `recoloured`)
     python benchmarks/ablation_toyworld.py --quick         # 2 variants, 1 seed, a few steps (run by make test)
 
 The paper (docs/PAIRUNI.md "Data ablation", "Gradient analysis") trains Janus-Pro-1B on
@@ -196,6 +197,36 @@ def colour_question(sample):
     return dataclasses.replace(sample, question=stem, answer=sample.meta["attributes"]["color"], tag="toy/color")
 
 
+def recoloured(pair: Pair, colour: str, world: Path, index: int, open_questions: bool) -> Pair:
+    """`pair` with an understanding half that neither shows nor names `colour`: when it does, the same scene
+    in another colour (rendered into `world`/images/t_<index>.png, a new question of the same kind), paired as
+    a retrieved pair with the real scene similarity; the generation half is kept as it is."""
+    import dataclasses
+
+    import numpy as np
+
+    from engine.data.toyworld import DEFAULT_IMAGE_SIZE, caption_for, question_for, render
+
+    u = pair.understand
+    if not involves(u, colour):
+        return pair
+    old = scene_of(u)
+    others = [c for c in COLORS if c != colour]
+    scene = Scene(others[index % len(others)], old.shape, old.cells)
+    rng = np.random.default_rng(index)
+    name = f"images/t_{index:05d}.png"
+    render(scene, DEFAULT_IMAGE_SIZE, rng).save(world / name, format="PNG")
+    for _ in range(100):  # multiple-choice questions may offer the colour as a distractor: draw again
+        question, answer = question_for(scene, u.tag.split("/")[-1], rng)
+        if colour not in question.lower():
+            break
+    new = dataclasses.replace(u, image_path=name, prompt=caption_for(scene), question=question, answer=answer,
+                              source_id=f"{u.source_id}-recoloured", meta={**u.meta, "attributes": scene.attributes()})
+    if open_questions:
+        new = open_question(new)
+    return Pair("retrieved", scene_similarity(scene_of(pair.generate), scene), understand=new, generate=pair.generate)
+
+
 def transfer_sets(pairs: list[Pair], held: list[Pair], colour: str) -> dict[str, list[Pair]]:
     """The transfer test's questions: "concept": the colour question about every understanding image of
     `colour` in the world (none of them is trained on); "control": the colour question about the held-out
@@ -234,15 +265,15 @@ def build_world(work: Path, s: StudySettings) -> dict[str, Path]:
     held, pre, train = (sorted(order[: s.n_eval]), sorted(order[s.n_eval: s.n_eval + n_pre]),
                         sorted(order[s.n_eval + n_pre:]))
     files = {"built": world / "train_built.jsonl", "eval": world / "eval.jsonl"}
-    if s.transfer is not None:  # the colour appears in generation halves only, in warm start and RL alike
+    # the transfer test: the colour appears in generation halves only, in warm start and RL alike (an
+    # understanding half that shows or names it is recoloured; its original image becomes a concept question)
+    if s.transfer is not None:
         if s.transfer not in COLORS:
             raise ValueError(f"transfer: expected a toy-world colour {tuple(COLORS)}, got {s.transfer!r}")
         for name, items in transfer_sets(pairs, [pairs[i] for i in held], s.transfer).items():
             files[f"transfer_{name}"] = world / f"transfer_{name}.jsonl"
             write_pairs(files[f"transfer_{name}"], items)
-        pre = [i for i in pre if not involves(pairs[i].understand, s.transfer)]
-        train = [i for i in train if not involves(pairs[i].understand, s.transfer)]
-        held = [i for i in held if not involves(pairs[i].understand, s.transfer)]
+        pairs = [recoloured(p, s.transfer, world, i, s.open_questions) for i, p in enumerate(pairs)]
     train = [pairs[i] for i in train]
     write_pairs(files["built"], train)
     write_pairs(files["eval"], [pairs[i] for i in held])

@@ -88,21 +88,38 @@ def test_open_questions_drop_the_options_and_answer_with_the_attribute(ablation,
 
 
 def test_transfer_split_keeps_the_colour_out_of_every_understanding_half(ablation, tmp_path):
-    from engine.data.io import read_pairs
+    import dataclasses
 
-    s = ablation.StudySettings(n_train=40, n_eval=20, n_pretrain=60, seeds=(0,), transfer="purple")
-    files = ablation.build_world(tmp_path, s)
-    for key in ("built", "eval", "pretrain", "repaired_0"):
-        pairs = read_pairs(files[key])
-        assert pairs and not any(ablation.involves(p.understand, "purple") for p in pairs), key
-    generated = [p.generate.meta["attributes"]["color"] for key in ("built", "pretrain") for p in read_pairs(files[key])]
-    assert "purple" in generated  # the concept is still in generation data
-    concept = read_pairs(files["transfer_concept"])
-    control = read_pairs(files["transfer_control"])
-    assert concept and control
-    assert all(p.understand.answer == "purple" and p.understand.question.startswith("What color") for p in concept)
-    assert all(p.understand.answer != "purple" and p.understand.answer == p.understand.meta["attributes"]["color"]
-               for p in control)
+    from engine.data.io import read_pairs
+    from engine.data.toyworld import scene_similarity
+
+    for open_questions in (True, False):
+        s = ablation.StudySettings(n_train=40, n_eval=20, n_pretrain=60, seeds=(0,), transfer="purple",
+                                   open_questions=open_questions)
+        files = ablation.build_world(tmp_path / str(open_questions), s)
+        world = files["built"].parent
+        plain = ablation.build_world(tmp_path / f"plain_{open_questions}", dataclasses.replace(s, transfer=None))
+        for key, n in (("built", 40), ("eval", 20), ("pretrain", 60), ("repaired_0", 40)):
+            pairs, before = read_pairs(files[key]), read_pairs(plain[key])
+            assert len(pairs) == n and not any(ablation.involves(p.understand, "purple") for p in pairs), key
+            # generation halves are untouched; an understanding half changes only when it showed or named purple
+            assert [p.generate for p in pairs] == [p.generate for p in before]
+            changed = [(p, b) for p, b in zip(pairs, before) if p.understand != b.understand]
+            assert all(ablation.involves(b.understand, "purple") for _, b in changed)
+            if key in ("built", "pretrain"):
+                assert changed
+            for p, b in changed:
+                assert p.kind == "retrieved" and (world / p.understand.image_path).is_file()
+                assert p.similarity == scene_similarity(ablation.scene_of(p.generate), ablation.scene_of(p.understand))
+                assert ablation.scene_of(p.understand).shape == ablation.scene_of(b.understand).shape
+        generated = [p.generate.meta["attributes"]["color"] for key in ("built", "pretrain") for p in read_pairs(files[key])]
+        assert generated.count("purple") >= len(generated) // 12  # the concept keeps its share of generation data
+        concept = read_pairs(files["transfer_concept"])
+        control = read_pairs(files["transfer_control"])
+        assert concept and control
+        assert all(p.understand.answer == "purple" and p.understand.question.startswith("What color") for p in concept)
+        assert all(p.understand.answer != "purple" and p.understand.answer == p.understand.meta["attributes"]["color"]
+                   for p in control)
     with pytest.raises(ValueError, match="transfer"):
         ablation.build_world(tmp_path / "bad", ablation.StudySettings(n_train=8, n_eval=4, n_pretrain=20, seeds=(0,),
                                                                      transfer="magenta"))
