@@ -140,3 +140,17 @@ def test_quick_transfer_study_reports_the_concept_scores(ablation, tmp_path):
         assert math.isfinite(scores["lift"]) and scores["logp_concept"] < 0
     assert "Transfer test" in (out / "ablation_transfer.md").read_text()
     assert not (out / "ablation_toyworld.json").exists()  # the main study's results are not overwritten
+
+
+@pytest.mark.slow
+def test_every_run_gets_one_thread_whatever_jobs_says(ablation):
+    """1 and 2 CPU threads round reductions differently and sampled tokens follow them: --jobs must not change
+    the numbers, so every call runs on one thread, in this process or in a worker, and the caller's count
+    comes back."""
+    import torch
+
+    before = torch.get_num_threads()
+    calls = [((), {})] * 3
+    assert ablation.parallel_map(torch.get_num_threads, calls, 1) == [1, 1, 1]
+    assert torch.get_num_threads() == before
+    assert ablation.parallel_map(torch.get_num_threads, calls, 2) == [1, 1, 1]
