@@ -46,6 +46,7 @@ trained one. Results: JSON, markdown tables and a plot under --out (default benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +65,14 @@ for _path in (str(ROOT), str(ROOT / "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from engine.build import toy_tokenizer_texts  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.data.io import read_pairs, write_json, write_pairs  # noqa: E402
+from engine.data.io import atomic_writer, read_pairs, write_json, write_pairs  # noqa: E402
 from engine.data.schema import Pair  # noqa: E402
 from engine.data.toyworld import COLORS, POSITIONS, Scene, generate_toy_world, scene_similarity  # noqa: E402
 from engine.model import TINY_SPECIAL  # noqa: E402
 from engine.probe import derangement, probe_gradients  # noqa: E402
 from engine.trainer import PairGRPOTrainer  # noqa: E402
-
-TINY_UNK = TINY_SPECIAL.unk
 
 log = logging.getLogger("pairuni.ablation")
 
@@ -139,8 +140,6 @@ def open_question(sample):
     """The sample's question without its options, answered by the attribute word itself ("red", "circle",
     "3", "top left"): no option letter to guess, so a policy scores only by reading the image (or by the
     prior of one answer, which `answer_prior` measures)."""
-    import dataclasses
-
     a, qtype = sample.meta["attributes"], sample.tag.split("/")[-1]
     truth = {"color": a["color"], "shape": a["shape"], "count": str(a["count"]),
              "position": a["positions"][0]}[qtype]
@@ -148,8 +147,6 @@ def open_question(sample):
 
 
 def with_open_questions(pairs: list[Pair]) -> list[Pair]:
-    import dataclasses
-
     return [dataclasses.replace(p, understand=open_question(p.understand)) for p in pairs]
 
 
@@ -187,10 +184,6 @@ def involves(sample, colour: str) -> bool:
 
 def colour_question(sample):
     """`sample` asked the open colour question about its own image ("What color is the circle in the image?")."""
-    import dataclasses
-
-    import numpy as np
-
     from engine.data.toyworld import question_for
 
     stem = question_for(scene_of(sample), "color", np.random.default_rng(0))[0].split("\n")[0]
@@ -201,10 +194,6 @@ def recoloured(pair: Pair, colour: str, world: Path, index: int, open_questions:
     """`pair` with an understanding half that neither shows nor names `colour`: when it does, the same scene
     in another colour (rendered into `world`/images/t_<index>.png, a new question of the same kind), paired as
     a retrieved pair with the real scene similarity; the generation half is kept as it is."""
-    import dataclasses
-
-    import numpy as np
-
     from engine.data.toyworld import DEFAULT_IMAGE_SIZE, caption_for, question_for, render
 
     u = pair.understand
@@ -215,7 +204,8 @@ def recoloured(pair: Pair, colour: str, world: Path, index: int, open_questions:
     scene = Scene(others[index % len(others)], old.shape, old.cells)
     rng = np.random.default_rng(index)
     name = f"images/t_{index:05d}.png"
-    render(scene, DEFAULT_IMAGE_SIZE, rng).save(world / name, format="PNG")
+    with atomic_writer(world / name, "wb", encoding=None) as fh:
+        render(scene, DEFAULT_IMAGE_SIZE, rng).save(fh, format="PNG")
     for _ in range(100):  # multiple-choice questions may offer the colour as a distractor: draw again
         question, answer = question_for(scene, u.tag.split("/")[-1], rng)
         if colour not in question.lower():
@@ -231,19 +221,11 @@ def transfer_sets(pairs: list[Pair], held: list[Pair], colour: str) -> dict[str,
     """The transfer test's questions: "concept": the colour question about every understanding image of
     `colour` in the world (none of them is trained on); "control": the colour question about the held-out
     understanding images of the other colours."""
-    import dataclasses
-
     concept = [dataclasses.replace(p, understand=colour_question(p.understand)) for p in pairs
                if p.understand.meta["attributes"]["color"] == colour]
     control = [dataclasses.replace(p, understand=colour_question(p.understand)) for p in held
                if p.understand.meta["attributes"]["color"] != colour]
     return {"concept": concept, "control": control}
-
-
-def pair_texts(pairs: list[Pair]) -> list[str]:
-    """The texts a tiny run's toy tokenizer is built from (`engine.build.tiny_run_policy`)."""
-    return [t for p in pairs for t in (p.understand.question, p.understand.answer, p.generate.prompt,
-                                       p.generate.question, p.generate.answer)]
 
 
 def build_world(work: Path, s: StudySettings) -> dict[str, Path]:
@@ -280,12 +262,11 @@ def build_world(work: Path, s: StudySettings) -> dict[str, Path]:
     if n_pre:
         files["pretrain"] = world / "pretrain.jsonl"
         write_pairs(files["pretrain"], [pairs[i] for i in pre])
-        vocab = ToyTokenizer.from_texts(pair_texts([pairs[i] for i in pre]))
-        unknown = {w for t in pair_texts([pairs[i] for i in order]) for w in t.split()
-                   if w.strip("?.,") and vocab.encode(w) == [TINY_UNK]}
+        vocab = ToyTokenizer.from_texts(toy_tokenizer_texts([pairs[i] for i in pre]))
+        unknown = [t for t in toy_tokenizer_texts(pairs) if TINY_SPECIAL.unk in vocab.encode(t)]
         if unknown:
-            raise ValueError(f"n_pretrain={s.n_pretrain}: the warm-start pairs lack the words {sorted(unknown)[:5]} "
-                             "of the training or held-out pairs; raise n_pretrain")
+            raise ValueError(f"n_pretrain={s.n_pretrain}: the warm-start pairs lack a word of {unknown[0]!r} "
+                             "(training or held-out pairs); raise n_pretrain")
     for seed in s.seeds:
         files[f"repaired_{seed}"] = world / f"train_repaired_{seed}.jsonl"
         write_pairs(files[f"repaired_{seed}"], repaired(train, seed))
@@ -304,7 +285,7 @@ def warm_models(files: dict[str, Path], s: StudySettings, work: Path, jobs: int 
     return dict(zip(s.seeds, done))
 
 
-def control_starts(files: dict[str, Path], s: StudySettings, work: Path, built, eval_pairs, jobs: int = 1) -> list[dict]:
+def control_starts(files: dict[str, Path], s: StudySettings, work: Path, jobs: int = 1) -> list[dict]:
     """The transfer test's control: per seed, the warm start again with the transfer colour left out of the
     generation loss (a model that never drew it), and its transfer scores."""
     from toyworld_warmstart import warm_start
@@ -411,8 +392,6 @@ def transfer_scores(trainer, files: dict[str, Path], colour: str) -> dict:
     (never in understanding data) and on the control images; and the lift, mean log p(colour word | an image of
     it) - mean log p(colour word | a control image), teacher-forced (> 0: the policy's text head ties the word to
     the pixels, even where greedy answers never say it)."""
-    import dataclasses
-
     from toyworld_warmstart import truth_understanding
 
     from engine.policy import task_view
@@ -648,10 +627,9 @@ def plot(table: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_writer(path, "wb", encoding=None) as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -667,7 +645,7 @@ def run_study(s: StudySettings, work: Path, out: Path | None, command: str, jobs
     runs = parallel_map(run_one, [((files, v, seed, s, work, built, eval_pairs), {}) for v in variants
                                   for seed in s.seeds], jobs)
     table = aggregate(runs, starts)
-    control = control_starts(files, s, work, built, eval_pairs, jobs) if s.transfer is not None and warm else []
+    control = control_starts(files, s, work, jobs) if s.transfer is not None and warm else []
     meta = {"command": command, "wall_min": (time.perf_counter() - t0) / 60, "n_train": s.n_train,
             "n_eval": s.n_eval, "steps": s.steps, "seeds": list(s.seeds), "probe_batches": s.probe_batches,
             "eval_samples": s.eval_samples, "world_seed": s.world_seed, "run_overrides": s.run_overrides,
@@ -692,9 +670,8 @@ def run_study(s: StudySettings, work: Path, out: Path | None, command: str, jobs
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / f"{name}.json", result)
-        tmp = out / f"{name}.md.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / f"{name}.md")
+        with atomic_writer(out / f"{name}.md") as fh:
+            fh.write(text)
         plot(table, out / f"{name}.png")
     return result
 

@@ -87,15 +87,19 @@ def build_components(cfg: Config) -> Components:
     return parts
 
 
+def toy_tokenizer_texts(pairs: list) -> list[str]:
+    """The texts a tiny run's toy tokenizer is built from: both halves' questions and answers, the prompts."""
+    return [t for p in pairs for t in (p.understand.question, p.understand.answer, p.generate.prompt,
+                                       p.generate.question, p.generate.answer)]
+
+
 def tiny_run_policy(cfg: Config, pairs: list, device: torch.device, resume_from: Path | None = None):
     """(tiny random Janus, toy prompts, toy tokenizer JSON). The tokenizer is that of the checkpoint the run
     resumes from, or one built from the pairs' words, so a resumed run reads its text with the same ids."""
     if resume_from is not None:
         tok = ToyTokenizer.from_json(checkpoint.read_state(resume_from)["tokenizer"])
     else:
-        tok = ToyTokenizer.from_texts([t for p in pairs for t in (p.understand.question, p.understand.answer,
-                                                                  p.generate.prompt, p.generate.question,
-                                                                  p.generate.answer)])
+        tok = ToyTokenizer.from_texts(toy_tokenizer_texts(pairs))
     m = cfg.model
     model, prompts = tiny_policy(tok, device, dtype=m.dtype, seed=m.tiny_seed, palette=m.tiny_palette)
     return model, prompts, tok.to_json()
