@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(command: str, args, exc: Exception, prefix: str = "") -> int:
+    """A subcommand's error: one line `pairuni COMMAND: PREFIX MESSAGE` on stderr and exit code 2; with
+    `pairuni --debug`, the exception itself (full traceback)."""
+    if getattr(args, "debug", False):
+        raise exc
+    print(f"pairuni {command}: {prefix}{exc}", file=sys.stderr)
+    return 2
+
+
 def run_command(register, command: str, argv: list[str] | None = None) -> int:
     """`python -m engine.<module>`: one subcommand's parser (`register`) run on `argv` (default: sys.argv)."""
     parser = argparse.ArgumentParser(prog="pairuni")

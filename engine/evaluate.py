@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cli import user_error
+
 log = logging.getLogger("pairuni.evaluate")
 
 #: Stream id of evaluation seeds in `rollout_seeds` (training uses 0 for answers, 1 for images).
@@ -347,10 +349,7 @@ def run(args) -> int:
                           settings={"model": str(src.path), "step": policy.step, "weights": policy.weights,
                                     "pairs": args.pairs})
     except (ConfigError, PreflightError, ValueError) as exc:
-        if getattr(args, "debug", False):
-            raise
-        print(f"pairuni eval: {exc}", file=sys.stderr)
-        return 2
+        return user_error("eval", args, exc)
     print(report.table())
     if args.out is not None:
         paths = report.save(args.out)

@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from . import lora
+from .cli import user_error
 from .data.io import current_umask, staged_folder, write_json
 from .model import DTYPES
 from .policy_io import (
@@ -185,10 +186,7 @@ def run(args) -> int:
         out = export_policy(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device,
                             adapter_only=args.adapter_only)
     except (ExportError, PolicySourceError) as exc:
-        if getattr(args, "debug", False):
-            raise
-        print(f"pairuni export: {exc}", file=sys.stderr)
-        return 2
+        return user_error("export", args, exc)
     print(f"exported {args.source} -> {out}")
     return 0
 

@@ -54,10 +54,10 @@ import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .cli import user_error
 from .janus_shapes import IMAGE_CODEBOOK, IMAGE_TOKENS, MODEL_NAMES, janus_pro_config, linear_shapes, parameter_counts
 from .lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 from .lora import QUANTIZE as LORA_QUANTIZE
@@ -355,8 +355,7 @@ def _run(args) -> int:
             return 0
         terms = estimate(cfg)
     except (ConfigError, ValueError) as exc:
-        print(f"pairuni plan: {exc}", file=sys.stderr)
-        return 2
+        return user_error("plan", args, exc)
     print(json.dumps({"config": asdict(cfg), "bytes": terms}, indent=2) if args.json else format_table(cfg, terms))
     return 0
 

@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cli import user_error
 from .config import Config, ConfigError, load_config
 from .data import Pair
 from .policy import TASKS
@@ -414,8 +415,7 @@ def run(args) -> int:
         result = probe_gradients(cfg, num_batches=args.num_batches, pairs_per_batch=args.pairs_per_batch,
                                  seed=args.seed, out_dir=args.out)
     except (ConfigError, ValueError) as exc:
-        print(f"pairuni probe-gradients: {exc}", file=sys.stderr)
-        return 2
+        return user_error("probe-gradients", args, exc)
     print(result.format_table())
     if args.out is not None:
         print(f"wrote {Path(args.out) / JSON_NAME} and {Path(args.out) / PNG_NAME}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from .cli import user_error
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -42,32 +44,24 @@ def run(args) -> int:
         trainer = PairGRPOTrainer.from_config(cfg)
     except ConfigError as exc:
         distributed.shutdown()
-        return _fail(args, exc, "config error: ")
+        return user_error("train", args, exc, "config error: ")
     except ValueError as exc:  # a checkpoint that verified but does not load, a bad model folder, ...
         distributed.shutdown()
-        return _fail(args, exc)
+        return user_error("train", args, exc)
     finished = False
     try:
         summary = trainer.train()
         finished = True
     except NonFiniteError as exc:  # names its step
-        return _fail(args, exc)
+        return user_error("train", args, exc)
     except (ValueError, RuntimeError) as exc:  # CheckpointError, a rollout on a broken policy, ...
-        return _fail(args, exc, f"step {trainer.step + 1}: ")
+        return user_error("train", args, exc, f"step {trainer.step + 1}: ")
     finally:
         main = distributed.is_main()
         distributed.shutdown(wait_for_peers=finished)  # torchrun: leave the process group cleanly
     if main:  # one summary per job, from rank 0
         print(format_summary(summary))
     return 0
-
-
-def _fail(args, exc: Exception, prefix: str = "") -> int:
-    """One line naming what is wrong (the full traceback with `pairuni --debug`); exit code 2."""
-    if getattr(args, "debug", False):
-        raise exc
-    print(f"pairuni train: {prefix}{exc}", file=sys.stderr)
-    return 2
 
 
 def format_summary(s: dict) -> str:

@@ -91,6 +91,8 @@ def test_plan_reads_the_preset_off_model_path(tmp_path, capsys):
     config.write_text("model:\n  path: /nonexistent/janus\n")
     assert cli.main(["plan", "--config", str(config)]) == 2
     assert "model.path: cannot read the language model's hidden size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model.path"):  # --debug: the traceback, as every subcommand gives it
+        cli.main(["--debug", "plan", "--config", str(config)])
 
 
 @pytest.mark.parametrize("name, goal_bytes", [("janus_pro_7b_1gpu.yaml", 60e9), ("janus_pro_7b_24gb.yaml", 22e9)])
