@@ -293,7 +293,7 @@ def _describe(vals: list[float]) -> dict:
 # ----------------------------------------------------------------------------- the probe
 def probe_config(cfg: Config, *, pairs_per_batch: int, seed: int) -> Config:
     """The probe's copy of `cfg`: whole pairs file, beta 0 (no reference model), torch AdamW (never
-    stepped), one seed for pair choice, re-pairing and rollouts."""
+    stepped), one seed for pair choice, re-pairing and rollouts; train.run_dir only read, never checked."""
     import copy
 
     cfg = copy.deepcopy(cfg)
@@ -302,6 +302,10 @@ def probe_config(cfg: Config, *, pairs_per_batch: int, seed: int) -> Config:
     cfg.algo.beta = 0.0
     cfg.optim.optimizer = "adamw"
     cfg.train.seed = seed
+    # the probe writes nothing into train.run_dir and never calls `train` (the only place an earlier run is
+    # moved aside), so a run dir that holds a run (the usual case: probe what was trained) is no reason to refuse
+    cfg.train.resume = False
+    cfg.train.on_existing = "overwrite"
     return cfg
 
 

@@ -222,3 +222,16 @@ def test_cli_run_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
     assert m["n"] == len(both)
     if both:
         assert m["median_difference"] == pytest.approx(statistics.median(p - r for p, r in both))
+
+
+def test_probe_reads_a_run_dir_that_holds_a_run_and_leaves_it_as_it_was(tmp_path):
+    """Probing what was trained is the usual case: the run's config names a run_dir with the run in it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "config.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    cfg = load_config(None, [*SMALL, f"train.run_dir={run}"])
+    result = probe_gradients(cfg, num_batches=1, pairs_per_batch=2, seed=0)
+    assert len(result.records) == 2
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
