@@ -722,8 +722,19 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"--variants: unknown {unknown}")
         s.variants = tuple(args.variants)
+    for flag, value, least in (("--steps", s.steps, 1), ("--seeds", len(s.seeds), 1), ("--jobs", args.jobs, 1),
+                               ("--warm-steps", s.warm_steps, 0)):
+        if value < least:
+            ap.error(f"{flag}: expected an integer >= {least}, got {value}")
+    if s.transfer is not None and s.transfer not in COLORS:
+        ap.error(f"--transfer: expected a toy-world colour {tuple(COLORS)}, got {s.transfer!r}")
     command = "python benchmarks/ablation_toyworld.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = run_study(s, Path(args.work), Path(args.out) if args.out else None, command.strip(), jobs=args.jobs)
+    try:
+        load_config(None, [f"{k}={v}" for k, v in s.run_overrides.items()])  # a bad --set: now, not in a worker
+        result = run_study(s, Path(args.work), Path(args.out) if args.out else None, command.strip(), jobs=args.jobs)
+    except ValueError as exc:  # ConfigError, a warm-start world that lacks a word, ...
+        print(f"ablation_toyworld: {exc}", file=sys.stderr)
+        return 2
     print(result["markdown"])
     print(json.dumps({"wall_min": round(result["meta"]["wall_min"], 2)}))
     return 0

@@ -154,3 +154,21 @@ def test_every_run_gets_one_thread_whatever_jobs_says(ablation):
     assert ablation.parallel_map(torch.get_num_threads, calls, 1) == [1, 1, 1]
     assert torch.get_num_threads() == before
     assert ablation.parallel_map(torch.get_num_threads, calls, 2) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--transfer", "magenta"], "--transfer: expected a toy-world colour"),
+    (["--seeds", "0"], "--seeds: expected an integer >= 1"),
+    (["--jobs", "0"], "--jobs: expected an integer >= 1"),
+    (["--set", "optim.lr=-1"], "optim.lr"),
+    (["--set", "optim.nonsense=1"], "optim.nonsense"),
+])
+def test_bad_arguments_get_one_line_before_any_work(ablation, tmp_path, capsys, argv, message):
+    work = tmp_path / "work"
+    try:
+        code = ablation.main([*argv, "--quick", "--work", str(work), "--out", ""])
+    except SystemExit as exc:  # argparse's error: usage + one line
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not work.exists()  # nothing built, no model loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,25 @@ def test_samples_round_trip(tmp_path):
     assert list(iter_samples(path)) == samples
     assert samples[1].has_qa and not samples[1].has_caption and not samples[1].is_complete
     assert Sample("a.png", prompt="p", question="q", answer="A").is_complete
+
+
+def test_atomic_writer_survives_kill_9_mid_write(tmp_path):
+    """SIGKILL between the first bytes and the rename (no cleanup runs): the old file is intact and whole."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "result.md"
+    path.write_text("old complete table\n")
+    child = (
+        "import os, signal, sys\n"
+        "from engine.data.io import atomic_writer\n"
+        "with atomic_writer(sys.argv[1]) as fh:\n"
+        "    fh.write('new half-written tab'); fh.flush(); os.fsync(fh.fileno())\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(path)], cwd=Path(__file__).resolve().parents[3])
+    assert proc.returncode == -9
+    assert path.read_text() == "old complete table\n"
 
 
 def test_atomic_writer_leaves_old_file_on_failure(tmp_path):
