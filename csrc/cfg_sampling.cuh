@@ -66,6 +66,7 @@ struct CfgPartial {
   float best_cond;  // c / T at best_index
   int64_t best_index;
 };
+static_assert(sizeof(CfgPartial) == 40, "CfgPartial layout changed: check CfgSamplePartialBytes users");
 
 constexpr int kSplitThreads = 128;
 constexpr int kFilteredThreads = 512;

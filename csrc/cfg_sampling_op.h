@@ -1,4 +1,4 @@
-// Shared by the CPU (cfg_sampling.cpp) and CUDA (cfg_sampling.cu) implementations of
+// Shared by the CPU (cfg_sampling.cpp) and CUDA (cfg_sampling_cuda.cu) implementations of
 // `pairuni::cfg_sample`: the argument checks and the output allocation. Uses torch.
 #pragma once
 

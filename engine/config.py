@@ -560,7 +560,7 @@ def _validate_launch(cfg: Config) -> None:
     if world is None:
         return
     _check(cfg.optim.optimizer != "adamw8bit", "optim.optimizer",
-           "adamw under torchrun (bitsandbytes cannot step FSDP2's DTensor parameters; adamw's fp32 state is "
+           "adamw under torchrun (bitsandbytes cannot step FSDP2's DTensor parameters; adamw's state is "
            "sharded over the ranks)", cfg.optim.optimizer)
     _check(not cfg.optim.master_weights or cfg.model.dtype == "float32", "optim.master_weights",
            "false under torchrun with bf16/fp16 weights (use model.dtype=float32 with distributed.param_dtype=bfloat16: "

@@ -7,7 +7,8 @@
 
 - `adamw8bit`: bitsandbytes' 8-bit AdamW (state ~2 bytes per parameter instead of 8), the
   setting that fits Janus-Pro-7B on one GPU; non-paged, so its state is ordinary device memory.
-- `adamw`: torch's (fp32 state; the choice under torchrun, where FSDP2's DTensor parameters are
+- `adamw`: torch's (two moments in the dtype of the tensors it steps: bf16 for bf16 weights, fp32 for
+  masters, proxies and fp32 shards; the choice under torchrun, where FSDP2's DTensor parameters are
   sharded and bitsandbytes cannot step them).
 - Master weights (`optim.master_weights` with bf16/fp16 weights): the optimizer steps fp32
   copies and rounds them into the model. With bf16 weights and lr 1e-6 most AdamW steps are

@@ -7,7 +7,9 @@ Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over th
   weights      every parameter in `param_dtype` (frozen vision encoder and VQ included)
   grads        trainable parameters in `param_dtype`
   optimizer    AdamW8bit: two 8-bit moments + one fp32 absmax per 2048-value block;
-               AdamW: two fp32 moments
+               AdamW: two moments in the dtype of the tensors it steps (`optimizer_state_bytes`):
+               the weights' own (bf16: 4 bytes per parameter), or fp32 (8) for master weights,
+               the fp32 copies of a compensated update and LoRA's fp32 adapters
   master       optional fp32 master copy of the trainable weights. With bf16 weights and the
                paper's lr of 1e-6 most updates are below half a bf16 ulp and vanish; the
                master copy (or stochastic rounding) is what keeps them. It is the term that
@@ -179,6 +181,17 @@ def plan_of_run(run, *, gpus: int = 1, model: str | None = None) -> PlanConfig:
         reward_params=sum(REWARD_MODEL_PARAMS.get(name, 0) for name in (run.reward.understanding, run.reward.generation)))
 
 
+def optimizer_state_bytes(cfg: PlanConfig) -> float:
+    """Optimizer state per trained parameter. AdamW8bit: two 8-bit moments and an fp32 absmax per
+    2048 values. torch's AdamW: `exp_avg` and `exp_avg_sq` are `zeros_like` the tensor it steps (see
+    engine.optim.PolicyOptimizer): the fp32 masters, a compensated update's fp32 proxy, the fp32 LoRA
+    adapters, or else the weights themselves in `param_dtype`."""
+    if cfg.optimizer == "adamw8bit":
+        return 2 + 8 / 2048
+    stepped_fp32 = cfg.master_weights or cfg.lora_rank > 0 or cfg.update != "round"
+    return 2 * (4 if stepped_fp32 else DTYPE_BYTES[cfg.param_dtype])
+
+
 def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dict | None = None,
              linears: dict[str, tuple[int, int]] | None = None) -> dict[str, float]:
     """Bytes per GPU for each term, plus `rollout_peak`, `update_peak` and `peak` (all in bytes).
@@ -211,7 +224,7 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     terms = {
         "weights": weights / shard,
         "grads": trainable * grad_bytes / shard,
-        "optimizer": trainable * ((2 + 8 / 2048) if cfg.optimizer == "adamw8bit" else 8) / shard,
+        "optimizer": trainable * optimizer_state_bytes(cfg) / shard,
         "master": trainable * 4 / shard if cfg.master_weights else 0.0,
         "compensation": trainable * 2.0 if cfg.update == "kahan" else 0.0,
         "head_copy": head_copy,

@@ -34,7 +34,7 @@ def test_terms_follow_parameter_counts(counts_7b):
     for key in ("weights", "grads", "optimizer"):
         assert eight[key] == pytest.approx(one[key] / 8)
     assert eight["fsdp_gather"] > 0 == one["fsdp_gather"]
-    fp32 = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw"))
+    fp32 = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw", param_dtype="float32"))
     assert fp32["optimizer"] == pytest.approx(8 * trainable)
 
 
@@ -138,3 +138,32 @@ def test_readme_gpu_table_is_the_planners():
     table = plan.methods_table(plan.PlanConfig(group_size=4, pairs_per_gpu=1))
     assert len(table.splitlines()) == 2 + 2 * len(plan.METHODS)
     assert table in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dtype,kwargs", [
+    ("bfloat16", {}), ("float32", {}), ("bfloat16", {"master_weights": True}),
+    ("bfloat16", {"update": "kahan"}), ("bfloat16", {"update": "stochastic_rounding"})])
+def test_adamw_state_is_what_torch_keeps(dtype, kwargs):
+    """The plan's AdamW term against the state torch.optim.AdamW really holds after a step of
+    engine.optim.PolicyOptimizer on a small model (bf16 weights keep bf16 moments: 4 bytes, not 8)."""
+    import torch
+
+    from engine.config import OptimConfig
+    from engine.optim import PolicyOptimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 8)).to(getattr(torch, dtype))
+    opt = PolicyOptimizer(model, OptimConfig(optimizer="adamw", lr=1e-3, **kwargs), torch.device("cpu"))
+    model(torch.randn(3, 24, dtype=model[0].weight.dtype)).square().sum().backward()
+    opt.step()
+    trained = sum(p.numel() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for s in opt.inner.state.values() for k, t in s.items() if k != "step")
+    cfg = plan.PlanConfig(model="janus-pro-1b", optimizer="adamw", param_dtype=dtype, **kwargs)
+    assert plan.optimizer_state_bytes(cfg) == state / trained
+
+
+def test_adamw_7b_plan_counts_bf16_state(counts_7b):
+    trainable = sum(counts_7b.values()) - counts_7b["vision_model"] - counts_7b["vqmodel"]
+    bf16 = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw"))
+    masters = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw", master_weights=True))
+    assert bf16["optimizer"] == pytest.approx(4 * trainable)
+    assert masters["optimizer"] == pytest.approx(8 * trainable)
