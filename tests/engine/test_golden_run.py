@@ -1,9 +1,13 @@
 """The embedded-default run (`pairuni train` / `make demo`, 40 steps) reproduces its recorded metrics.
 
 tests/engine/golden/default_run_metrics.jsonl holds that run's metrics.jsonl without the timing
-(`time.*`) and CUDA memory (`mem.*`) keys. Two runs on one machine agree bit for bit (and with 1 or
-2 CPU threads), so the tolerance is tight: integers exactly, floats to rel 1e-5 / abs 1e-6, which
-leaves room only for a different CPU's float rounding, never for a changed step.
+(`time.*`) and CUDA memory (`mem.*`) keys. The run goes through a fresh process whose CPU kernels are
+pinned to AVX2 (`PINNED_CPU`: torch's own vectorised kernels, MKL's conditional numerical
+reproducibility, oneDNN), so every x86-64 machine with AVX2 computes the same rounding: without the
+pins an AVX-512 machine with AMX rounded the first matmuls differently (1e-7), the 8-bit optimizer
+amplified that to 2e-5 by step 2 and the sampled tokens parted at step 4, with no change in the code.
+Two runs agree bit for bit, so the tolerance is tight: integers exactly, floats to rel 1e-5 / abs 1e-6,
+which leaves no room for a changed step.
 
 A change that must move these numbers regenerates the file in its own commit, saying why:
 
@@ -13,21 +17,27 @@ A change that must move these numbers regenerates the file in its own commit, sa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden") / "default_run_metrics.jsonl"
 VOLATILE = ("time.", "mem.")  # wall-clock timings and CUDA memory depend on the machine, not on the step
+#: read when each library first runs a kernel, hence a fresh process
+PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def default_run_rows(run_dir: Path) -> list[dict]:
     """Metrics rows of `pairuni train` with every default except where it writes (and no progress bar)."""
-    from engine import cli
-
-    assert cli.main(["train", f"train.run_dir={run_dir}", "train.progress=false"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "train", f"train.run_dir={run_dir}",
+                           "train.progress=false"], cwd=ROOT, env={**os.environ, **PINNED_CPU},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
 
@@ -47,7 +57,6 @@ def test_default_run_reproduces_the_golden_metrics(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     with tempfile.TemporaryDirectory() as tmp:
         rows = default_run_rows(Path(tmp) / "run")
     GOLDEN.write_text("".join(json.dumps(row) + "\n" for row in rows))
