@@ -47,7 +47,7 @@ gpu-session-dry-run: $(STAMP)
 	$(BIN)/python benchmarks/gpu_session.py --dry-run --work /tmp/pairuni_session_dry --out /tmp/pairuni_out_dry
 
 lint: $(STAMP)
-	$(BIN)/ruff check pairuni_kernels engine tests benchmarks
+	$(BIN)/ruff check pairuni_kernels engine tests benchmarks studies
 
 clean:
 	rm -rf build *.egg-info pairuni_kernels/_C*.so .pytest_cache

@@ -3,7 +3,7 @@
     parts = build_components(cfg)            # what `PairGRPOTrainer.from_config(cfg)` runs
     trainer = PairGRPOTrainer(cfg, parts)
 
-Order matters for the user: the pairs are read and checked (`config.data_splits`) before any
+Order matters for the user: the pairs are read and checked (`run_start.data_splits`) before any
 model loads, so a data error costs seconds, not a model load. `assemble` takes an already built
 model and prompts (benchmarks build random-weight Janus-Pro shapes themselves) and does the rest.
 """
@@ -22,12 +22,13 @@ from . import checkpoint, distributed, lora, rewards
 from . import model as janus
 from .checkpoint import Checkpointer
 from .checkpoint_store import ResumePoint
-from .config import Config, data_splits, start_point
+from .config import Config
 from .data.sampler import ImageCache, PairSampler
 from .optim import PolicyOptimizer
 from .policy import TASKS
 from .policy_io import load_policy, tiny_policy
 from .rollout import answer_questions
+from .run_start import data_splits, start_point
 from .text import ToyTokenizer, load_image
 
 log = logging.getLogger("pairuni.build")
@@ -68,8 +69,6 @@ def build_components(cfg: Config) -> Components:
     start = start_point(cfg)  # checksums verified here, still before the model loads
     for skipped in start.skipped:
         log.warning("resume: skipped %s", skipped)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     env = distributed.init_from_env(cfg.train.device)  # torchrun: process group + this rank's device
     device = env.device if env is not None else distributed.resolve_device(cfg.train.device)
     nf4 = cfg.model.lora.quantize == "nf4"
@@ -82,9 +81,26 @@ def build_components(cfg: Config) -> Components:
         model, prompts, tokenizer_json = policy.model, policy.prompts, policy.tokenizer_json
     if nf4:
         model = lora.quantize_nf4(model, device)
+    set_threads(cfg.train.num_threads, model)
     parts = assemble(cfg, model, prompts, pairs, root, tokenizer_json=tokenizer_json, resume=start)
     parts.eval_pairs, parts.eval_root = splits.eval, splits.eval_root
     return parts
+
+
+#: Below this many parameters a model runs on one CPU thread unless train.num_threads says otherwise: its
+#: matrices are too small to split, and a second thread only contends (the tiny demo Janus, 0.7 M parameters,
+#: runs several times faster on one thread of a loaded 2-core machine, with the same numbers).
+SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def set_threads(num_threads: int, model: torch.nn.Module) -> int:
+    """torch's CPU threads for the run: `num_threads` when > 0, one for a small model, else torch's default."""
+    if num_threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        num_threads = 1
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    log.info("CPU threads: %d", torch.get_num_threads())
+    return torch.get_num_threads()
 
 
 def toy_tokenizer_texts(pairs: list) -> list[str]:
@@ -110,7 +126,7 @@ def assemble(cfg: Config, model, prompts, pairs: list, data_root: Path, *,
     """The rest of construction around a built model: what trains, the reference model, FSDP2 under
     torchrun, the optimizer, the rewards, the pair sampler, the image cache and the checkpoints.
 
-    resume: where the run starts (`config.start_point`; computed here when not given)."""
+    resume: where the run starts (`run_start.start_point`; computed here when not given)."""
     if resume is None:
         resume = start_point(cfg)
     device = next(model.parameters()).device

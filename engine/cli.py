@@ -12,8 +12,8 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: list[str] = ["engine.train_cli", "engine.data.cli", "engine.plan", "engine.probe", "engine.export",
-                              "engine.evaluate"]
+COMMAND_MODULES: list[str] = [f"{__package__}.{name}" for name in ("train_cli", "data.cli", "plan", "probe", "export",
+                                                                       "evaluate")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import Config, require
 from .model import DTYPES
 
 log = logging.getLogger("pairuni.distributed")
@@ -78,6 +79,23 @@ def launched_by_torchrun() -> bool:
 def torchrun_world_size() -> int | None:
     """The number of processes torchrun started (1 included), or None outside torchrun."""
     return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else None
+
+
+def check_config(cfg: Config, world: int | None) -> None:
+    """What a torchrun (FSDP2) launch of `world` processes cannot do (None: a single process, nothing to
+    check); checked before the process group starts."""
+    if world is None:
+        return
+    require(cfg.optim.optimizer != "adamw8bit", "optim.optimizer",
+            "adamw under torchrun (bitsandbytes cannot step FSDP2's DTensor parameters; adamw's state is "
+            "sharded over the ranks)", cfg.optim.optimizer)
+    require(not cfg.optim.master_weights or cfg.model.dtype == "float32", "optim.master_weights",
+            "false under torchrun with bf16/fp16 weights (use model.dtype=float32 with distributed.param_dtype=bfloat16: "
+            "the fp32 shards are the master weights)", cfg.optim.master_weights)
+    require(cfg.optim.update == "round", "optim.update", "round under torchrun (use model.dtype=float32 with "
+            "distributed.param_dtype=bfloat16: the fp32 shards are the master weights)", cfg.optim.update)
+    require(cfg.data.pairs_per_step % world == 0, "data.pairs_per_step",
+            f"a multiple of the {world} ranks (every rank holds whole pairs)", cfg.data.pairs_per_step)
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:

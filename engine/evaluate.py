@@ -14,7 +14,7 @@
   for generation), a table, a JSON file with every answer and image score, and a PNG grid of the first
   `GRID_PROMPTS` prompts' images with the prompt under each row and each image's reward under it.
 
-Deterministic given the seed: image rows draw from `rollout_seeds(seed, 0, EVAL_STREAM, n)` (a stream no
+Deterministic given the seed: image rows draw from `rollout_seeds(seed, 0, "evaluation", n)` (a stream no
 training step uses), answers are greedy, and the global RNGs are restored afterwards, so evaluating
 during training (`train.eval_every`) leaves the training run exactly as it was. Rows go through the model
 in chunks of `batch_rows` (default: rollout.max_batch, else a training step's P * G), prompts whole.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import textwrap
 from collections import defaultdict
@@ -37,8 +38,6 @@ from .cli import user_error
 
 log = logging.getLogger("pairuni.evaluate")
 
-#: Stream id of evaluation seeds in `rollout_seeds` (training uses 0 for answers, 1 for images).
-EVAL_STREAM = 2
 #: Prompts shown in the image grid (the first ones of the file).
 GRID_PROMPTS = 16
 #: Attributes the toy-world score checks, as `toyworld.describe_image` names them.
@@ -234,7 +233,7 @@ def evaluate(model, prompts, pairs: list, cfg, *, images, seed: int = 0, samples
     gen = [p.generate for p in pairs]
     und_chunks = row_chunks(len(und), batch_rows)
     gen_chunks = row_chunks(len(gen), max(1, batch_rows // samples))
-    seeds = rollout_seeds(seed, 0, EVAL_STREAM, len(gen) * samples)
+    seeds = rollout_seeds(seed, 0, "evaluation", len(gen) * samples)
     was_training = model.training
     model.eval()
     questions, prompt_rows, grid_images = [], [], []
@@ -318,13 +317,42 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: Sections of an evaluated run's config that `pairuni eval` takes over (how it samples and scores).
+EVAL_SECTIONS = ("rollout", "reward")
+
+
+def eval_config(saved: dict | None, path: str | None = None, overrides=(), *, pairs_path: str | None,
+                device: str = "auto", max_pairs: int | None = None, out: str | None = None):
+    """The config `pairuni eval` runs with: the evaluated run's rollout and reward settings (`saved`: that run's
+    config as a dict, when known; keys this engine does not know are ignored), then the YAML file and the
+    `key=value` overrides, then the evaluation's own pairs file and device. Checked as a run is (the model
+    comes from --model, not model.path); raises ConfigError."""
+    from .checks import check
+    from .config import Config, apply, field_types, layered, require
+
+    cfg = Config()
+    for section in EVAL_SECTIONS:
+        known = field_types(type(getattr(cfg, section)))
+        values = {k: v for k, v in ((saved or {}).get(section) or {}).items() if k in known}
+        apply(getattr(cfg, section), values, f"{section}.")
+    cfg = layered(cfg, path, overrides)
+    require(pairs_path is None or os.path.isfile(pairs_path), "--pairs", "an existing JSONL file", pairs_path)
+    d, t = cfg.data, cfg.train
+    d.pairs_path, d.max_pairs, d.pairs_per_step, d.eval_pairs_path, d.eval_fraction = pairs_path, max_pairs, 1, None, 0.0
+    cfg.model.path = None
+    t.device, t.resume, t.eval_every, t.run_dir = device, False, 0, out or "."
+    check(cfg)
+    return cfg
+
+
 def run(args) -> int:
     from . import distributed
     from .build import image_cache
-    from .config import ConfigError, data_splits, eval_config
+    from .config import ConfigError
     from .model import DTYPES
     from .policy_io import load_policy, resolve_source, saved_config
     from .preflight import PreflightError, check_run_dir
+    from .run_start import data_splits
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -22,21 +22,26 @@ A and B through the same fused kernel as in full fine-tuning.
 from __future__ import annotations
 
 import copy
+import typing
 
 import torch
 import torch.nn.functional as F
 
+from .config import DEFAULT_TRAIN_MODULES, LORA_DEFAULT_TARGETS, Config, LoraQuantize, LoraTarget, require
+from .preflight import require_importable
+
 ADAPTER = "default"
-#: `model.lora.targets` -> regular expressions of the module names they adapt.
+#: `model.lora.targets` (`config.LoraTarget`) -> regular expressions of the module names they adapt.
 TARGETS = {
     "attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
     "mlp": r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
     "generation_head": r"model\.generation_head\.(proj_out|vision_head)",
     "lm_head": r"lm_head",
 }
-DEFAULT_TARGETS = ("attention", "mlp", "generation_head")
+assert tuple(TARGETS) == typing.get_args(LoraTarget)
+DEFAULT_TARGETS = LORA_DEFAULT_TARGETS
 #: `model.lora.quantize`: the frozen base of the language model's projections.
-QUANTIZE = ("none", "nf4")
+QUANTIZE = typing.get_args(LoraQuantize)
 #: Module names whose linear layers `quantize_nf4` turns into 4-bit ones.
 QUANTIZED_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 
@@ -219,3 +224,40 @@ def nf4_layers(model):
         setattr(model.get_submodule(parent), child, q)
     model.is_loaded_in_4bit = True  # peft then wraps these layers with its bitsandbytes LoRA layer
     return model
+
+
+def check_config(cfg: Config, world: int | None) -> None:
+    """`model.lora.*` and the keys it constrains: ranges, the default train_modules, a single process (`world`:
+    torchrun's process count, None outside it), round updates, a bf16/fp16 base under NF4."""
+    lo = cfg.model.lora
+    require(lo.rank >= 0, "model.lora.rank", "an integer >= 0 (0: no LoRA)", lo.rank)
+    require(lo.alpha > 0, "model.lora.alpha", "a number > 0", lo.alpha)
+    require(0 <= lo.dropout < 1, "model.lora.dropout", "a number in [0, 1)", lo.dropout)
+    require(bool(lo.targets) and len(set(lo.targets)) == len(lo.targets), "model.lora.targets",
+            f"distinct names from {tuple(TARGETS)}", lo.targets)
+    if lo.rank == 0:
+        require(lo.quantize == "none", "model.lora.quantize", "none while model.lora.rank is 0 (a 4-bit base cannot "
+                "be fully fine-tuned)", lo.quantize)
+        return
+    require(sorted(cfg.model.train_modules) == sorted(DEFAULT_TRAIN_MODULES), "model.train_modules",
+            "the default with model.lora.rank > 0 (only the adapters train; choose them with model.lora.targets)",
+            cfg.model.train_modules)
+    require(world is None, "model.lora.rank", "0 under torchrun (LoRA runs in a single process)", lo.rank)
+    require(cfg.optim.update == "round", "optim.update", "round with LoRA (the adapters are fp32)", cfg.optim.update)
+    if lo.quantize == "nf4":
+        require(cfg.model.dtype != "float32", "model.dtype", "bfloat16 or float16 with model.lora.quantize=nf4 "
+                "(the 4-bit layers compute in model.dtype)", cfg.model.dtype)
+
+
+def check_environment(cfg: Config) -> None:
+    """What a LoRA run needs of this machine: peft, and for NF4 bitsandbytes and a CUDA device."""
+    lo = cfg.model.lora
+    if lo.rank == 0:
+        return
+    if lo.quantize == "nf4":
+        device = cfg.train.device
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        require(cuda, "model.lora.quantize", f"none on {device if device != 'auto' else 'a machine without CUDA'} "
+                "(bitsandbytes NF4 runs on CUDA only; use quantize=none for a frozen model.dtype base)", lo.quantize)
+        require_importable("model.lora.quantize", "nf4", "bitsandbytes", "pip install bitsandbytes")
+    require_importable("model.lora.rank", str(lo.rank), "peft", "pip install peft")

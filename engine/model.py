@@ -21,24 +21,21 @@ import importlib.util
 import inspect
 import logging
 import os
+import typing
 from dataclasses import dataclass
 
 import torch
 
 from . import lora
+from .config import AttnImplementation, Dtype, TrainModule
 
 log = logging.getLogger("pairuni.model")
 
-#: Modules of `JanusForConditionalGeneration` that train by default: the vision encoder and the VQ
-#: model stay frozen (docs/ARCHITECTURE.md "Engine rules").
-DEFAULT_TRAIN_MODULES = ("language_model", "aligner", "generation_aligner", "generation_head", "lm_head")
 #: Every name accepted in `model.train_modules`.
-TRAINABLE_MODULE_NAMES = DEFAULT_TRAIN_MODULES + ("vision_model", "vqmodel", "generation_embeddings")
-
+TRAINABLE_MODULE_NAMES = typing.get_args(TrainModule)
 #: `model.attn_implementation` values; "auto" resolves with `attention_backend`.
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = typing.get_args(AttnImplementation)
+DTYPES = {name: getattr(torch, name) for name in typing.get_args(Dtype)}
 
 
 def attention_backend() -> str:

@@ -25,16 +25,27 @@
 
 from __future__ import annotations
 
+import typing
+
 import torch
 
-from . import distributed
+from . import distributed, seeds
+from .config import Config, Optimizer, Update, require
 
-OPTIMIZERS = ("adamw8bit", "adamw")
+OPTIMIZERS = typing.get_args(Optimizer)
 #: `optim.update`: how a step lands in the weights. round: the optimizer steps the weights (or the fp32
 #: masters) directly; kahan / stochastic_rounding: compensated bf16 updates (see the module docstring).
-UPDATES = ("round", "kahan", "stochastic_rounding")
-#: Offset of the stochastic-rounding generator's seed from train.seed (its own stream, apart from rollouts').
-ROUNDING_SEED_OFFSET = 0x5EED
+UPDATES = typing.get_args(Update)
+
+
+def check_config(cfg: Config, world: int | None) -> None:
+    """A compensated update needs bf16 weights and no master weights (which already keep every step)."""
+    o = cfg.optim
+    if o.update != "round":
+        require(cfg.model.dtype == "bfloat16", "optim.update", f"round unless model.dtype=bfloat16 (got {cfg.model.dtype})",
+                o.update)
+        require(not o.master_weights, "optim.update", "round with optim.master_weights=true (the masters already "
+                "keep every step)", o.update)
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -95,7 +106,7 @@ class PolicyOptimizer:
             if self.update == "kahan":
                 self.compensation = [torch.zeros_like(p) for p in self.params]
             else:
-                self.generator = torch.Generator(device=device).manual_seed(seed + ROUNDING_SEED_OFFSET)
+                self.generator = torch.Generator(device=device).manual_seed(seeds.rounding(seed))
         cls = optimizer_class(optim_cfg.optimizer, device.type)
         self.inner = cls(self.master or self.proxies or self.params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                          weight_decay=optim_cfg.weight_decay)

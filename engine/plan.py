@@ -1,7 +1,13 @@
 """`pairuni plan`: per-GPU memory estimate of a PairGRPO run before renting the GPUs.
 
-    pairuni plan --model janus-pro-7b --gpus 1 --group-size 4 --pairs-per-gpu 1
-    pairuni plan --config configs/janus_pro_1b.yaml [--gpus N] [--model NAME]   # the run's own sizes
+    pairuni plan --config configs/janus_pro_1b.yaml [--gpus N] [--model NAME]   # a run's own config
+    pairuni plan --model janus-pro-7b rollout.group_size=4 model.dtype=bfloat16  # the defaults + overrides
+
+The plan is built from a run's `Config` (`plan_of_run`; the flags --group-size, --optimizer, ... are
+`key=value` overrides by another name, `PLAN_FLAGS`), checked by the same rules as a run for the
+process count it plans, so it has no defaults or rules of its own. Two assumptions are not config keys:
+prompts of `--prompt-tokens` text tokens (default `PROMPT_TOKENS`) and fused-loss chunks of
+`LOSS_CHUNK_ROWS` rows.
 
 Terms (bytes per GPU; FSDP shards weights, gradients and optimizer state over the GPUs):
   weights      every parameter in `param_dtype` (frozen vision encoder and VQ included)
@@ -56,20 +62,16 @@ import argparse
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .cli import user_error
 from .janus_shapes import IMAGE_CODEBOOK, IMAGE_TOKENS, MODEL_NAMES, janus_pro_config, linear_shapes, parameter_counts
-from .lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
-from .lora import QUANTIZE as LORA_QUANTIZE
 from .lora import QUANTIZED_PROJECTIONS, target_pattern
-from .optim import UPDATES
 
 GiB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 FROZEN_BY_DEFAULT = ("vision_model", "vqmodel")
-OPTIMIZERS = ("adamw8bit", "adamw")
 #: bytes per NF4 weight: 4 bits, an 8-bit absmax per 64-weight block, an fp32 scale per 256 absmaxes
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 #: heads whose LoRA-adapted weight the fused loss receives as one [V, H + r] tensor
@@ -78,70 +80,49 @@ ADAPTED_HEADS = ("lm_head", "model.generation_head.vision_head")
 REWARD_MODEL_PARAMS = {"clip": 428_000_000, "hpsv2": 986_000_000}
 # language-model hidden size -> preset, to recognise a downloaded Janus-Pro folder
 PRESET_BY_HIDDEN = {2048: "janus-pro-1b", 4096: "janus-pro-7b"}
+#: Assumed text tokens of a generation prompt / question (without image tokens): data, not config.
+PROMPT_TOKENS = 64
+#: Rows of the fused linear loss assumed computed at once (the kernels size chunks by free memory).
+LOSS_CHUNK_ROWS = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanConfig:
-    """What the estimate depends on."""
+    """What the estimate depends on, read off a run's Config by `plan_of_run` (no defaults of its own)."""
 
-    model: str = "janus-pro-7b"
+    model: str
     """janus-pro-1b | janus-pro-7b (exact shapes via engine.janus_shapes)."""
-    gpus: int = 1
+    gpus: int
     """Data-parallel GPUs; > 1 shards weights, grads and optimizer state with FSDP2."""
-    group_size: int = 4
-    """G rollouts per task of a pair."""
-    pairs_per_gpu: int = 1
-    """Pairs rolled out and updated on each GPU per step."""
-    prompt_tokens: int = 64
+    group_size: int
+    """G rollouts per task of a pair (`rollout.group_size`)."""
+    pairs_per_gpu: int
+    """Pairs rolled out and updated on each GPU per step (`data.pairs_per_step` / gpus, rounded up)."""
+    prompt_tokens: int
     """Text tokens of a generation prompt / question (without image tokens)."""
-    answer_tokens: int = 256
-    """Maximum new tokens of an understanding answer."""
-    micro_batch: int = 1
-    """Sequences per forward/backward in the update."""
-    gradient_checkpointing: bool = True
-    optimizer: str = "adamw8bit"
-    master_weights: bool = False
-    """Keep an fp32 master copy of the trainable weights (see module docstring)."""
-    update: str = "round"
+    answer_tokens: int
+    """Maximum new tokens of an understanding answer (`rollout.max_new_tokens`)."""
+    micro_batch: int
+    """Sequences per forward/backward in the update (`optim.micro_batch_size`)."""
+    gradient_checkpointing: bool
+    optimizer: str
+    master_weights: bool
+    """fp32 master copy of the trainable weights (`optim.master_weights`, or fp32 FSDP shards computed lower)."""
+    update: str
     """`optim.update`: round | kahan (+2 bytes per trained parameter) | stochastic_rounding."""
-    lora_rank: int = 0
+    lora_rank: int
     """LoRA rank (0: full fine-tuning of the default train modules)."""
-    lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
-    """`model.lora.targets`."""
-    lora_quantize: str = "none"
+    lora_targets: tuple[str, ...]
+    lora_quantize: str
     """`model.lora.quantize`: none | nf4 (the language model's projections in 4 bits)."""
-    param_dtype: str = "bfloat16"
-    loss_chunk_rows: int = 1024
+    param_dtype: str
+    """Compute dtype of weights, grads and activations."""
+    loss_chunk_rows: int
     """Rows of the fused linear loss computed at once."""
-    rollout_batch: int = 0
+    rollout_batch: int
     """Rollout rows decoded at once (`rollout.max_batch`; 0: all G x pairs_per_gpu rows)."""
-    reward_params: int = 0
+    reward_params: int
     """Parameters of resident reward models (fp32)."""
-
-    def validate(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"model: expected one of {MODEL_NAMES}, got {self.model!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.param_dtype not in DTYPE_BYTES:
-            raise ValueError(f"param_dtype: expected one of {tuple(DTYPE_BYTES)}, got {self.param_dtype!r}")
-        for name in ("gpus", "group_size", "pairs_per_gpu", "micro_batch", "loss_chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.update not in UPDATES:
-            raise ValueError(f"update: expected one of {UPDATES}, got {self.update!r}")
-        if self.lora_quantize not in LORA_QUANTIZE:
-            raise ValueError(f"lora_quantize: expected one of {LORA_QUANTIZE}, got {self.lora_quantize!r}")
-        if self.lora_quantize != "none" and self.lora_rank == 0:
-            raise ValueError("lora_quantize: a quantized base needs lora_rank > 0")
-        if self.gpus > 1 and (self.lora_rank or self.update != "round"):
-            raise ValueError("gpus: LoRA and compensated updates run in a single process (gpus=1)")
-        if self.update != "round" and (self.lora_rank or self.master_weights):
-            raise ValueError("update: a compensated update is for full fine-tuning without master weights")
-        target_pattern(self.lora_targets)
-        for name in ("rollout_batch", "reward_params", "lora_rank"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
 
 
 def preset_of(model_path: str | Path) -> str:
@@ -158,26 +139,33 @@ def preset_of(model_path: str | Path) -> str:
     return PRESET_BY_HIDDEN[hidden]
 
 
-def plan_of_run(run, *, gpus: int = 1, model: str | None = None) -> PlanConfig:
-    """The PlanConfig of an `engine.config.Config`: its group size, pairs per step over `gpus`, answer
-    length, micro-batch, rollout chunking, dtypes, optimizer, checkpointing and reward models.
+def plan_of_run(run, *, gpus: int = 1, model: str | None = None, prompt_tokens: int = PROMPT_TOKENS) -> PlanConfig:
+    """The PlanConfig of an `engine.config.Config` on `gpus` GPUs: its group size, pairs per step, answer
+    length, micro-batch, rollout chunking, dtypes, optimizer, checkpointing and reward models. The run is
+    checked as a launch of `gpus` processes would be (ranges and rules, not files or devices).
 
     model: the preset; by default read off `run.model.path` (which must then exist)."""
+    from .checks import check
+
+    if gpus < 1:
+        raise ValueError(f"--gpus: expected an integer >= 1, got {gpus}")
+    check(run, world=gpus if gpus > 1 else None, environment=False)
     if model is None:
         if run.model.path is None:
             raise ValueError("model.path: null is the tiny demo model, not a Janus-Pro preset; pass --model")
         model = preset_of(run.model.path)
+    if model not in MODEL_NAMES:
+        raise ValueError(f"--model: expected one of {MODEL_NAMES}, got {model!r}")
     dtype = run.model.dtype if gpus == 1 else (run.distributed.param_dtype or run.model.dtype)
     return PlanConfig(
         model=model, gpus=gpus, group_size=run.rollout.group_size,
-        pairs_per_gpu=math.ceil(run.data.pairs_per_step / gpus), answer_tokens=run.rollout.max_new_tokens,
-        micro_batch=run.optim.micro_batch_size, gradient_checkpointing=run.model.gradient_checkpointing,
-        optimizer=run.optim.optimizer, param_dtype=dtype,
+        pairs_per_gpu=math.ceil(run.data.pairs_per_step / gpus), prompt_tokens=prompt_tokens,
+        answer_tokens=run.rollout.max_new_tokens, micro_batch=run.optim.micro_batch_size,
+        gradient_checkpointing=run.model.gradient_checkpointing, optimizer=run.optim.optimizer, param_dtype=dtype,
         # under FSDP, fp32 shards computed in a lower dtype are the master weights
         master_weights=run.optim.master_weights or (gpus > 1 and run.model.dtype == "float32" and dtype != "float32"),
         update=run.optim.update, lora_rank=run.model.lora.rank, lora_targets=tuple(run.model.lora.targets),
-        lora_quantize=run.model.lora.quantize,
-        rollout_batch=run.rollout.max_batch,
+        lora_quantize=run.model.lora.quantize, loss_chunk_rows=LOSS_CHUNK_ROWS, rollout_batch=run.rollout.max_batch,
         reward_params=sum(REWARD_MODEL_PARAMS.get(name, 0) for name in (run.reward.understanding, run.reward.generation)))
 
 
@@ -200,7 +188,6 @@ def estimate(cfg: PlanConfig, *, counts: dict[str, int] | None = None, text: dic
     layers' (in, out) (the tests use a scaled-down model); by default they come from the exact
     Janus-Pro config of `cfg.model`.
     """
-    cfg.validate()
     if counts is None or text is None or (linears is None and cfg.lora_rank):
         config = janus_pro_config(cfg.model)
         counts = counts or parameter_counts(config)
@@ -289,24 +276,29 @@ def format_table(cfg: PlanConfig, terms: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-#: (label, PlanConfig fields) of the methods in `methods_table`
+#: (label, config overrides) of the methods in `methods_table`, all on a bf16 model
 METHODS = (
-    ("full, fp32 master weights", dict(master_weights=True)),
-    ("full, bf16 + Kahan compensation", dict(update="kahan")),
-    ("full, bf16 + stochastic rounding", dict(update="stochastic_rounding")),
-    ("LoRA, bf16 base", dict(lora_rank=64)),
-    ("LoRA, 4-bit NF4 base", dict(lora_rank=64, lora_quantize="nf4")),
+    ("full, fp32 master weights", ("optim.master_weights=true",)),
+    ("full, bf16 + Kahan compensation", ("optim.update=kahan",)),
+    ("full, bf16 + stochastic rounding", ("optim.update=stochastic_rounding",)),
+    ("LoRA, bf16 base", ("model.lora.rank=64",)),
+    ("LoRA, 4-bit NF4 base", ("model.lora.rank=64", "model.lora.quantize=nf4")),
 )
 #: GPU memory sizes (GB) the table names; a run fits when its planned peak leaves 1 GB for the CUDA context
 GPU_SIZES_GB = (16, 24, 40, 48, 80, 141)
 
 
-def methods_table(base: PlanConfig) -> str:
-    """Markdown: planned peak per model x method (`METHODS`) at `base`'s sizes, and the smallest GPU it fits."""
+def methods_table(run, *, gpus: int = 1, prompt_tokens: int = PROMPT_TOKENS) -> str:
+    """Markdown: planned peak per model x method (`METHODS`) of `run` (a Config), and the smallest GPU it fits."""
+    import copy
+
+    from .config import layered
+
     lines = ["| model | method | trainable params | planned peak (GiB) | (GB) | fits a GPU of |", "|---|---|---|---|---|---|"]
     for model in MODEL_NAMES:
         for label, changes in METHODS:
-            cfg = PlanConfig(**{**asdict(base), "model": model, **changes})
+            method = layered(copy.deepcopy(run), None, ("model.dtype=bfloat16", *changes))
+            cfg = plan_of_run(method, gpus=gpus, model=model, prompt_tokens=prompt_tokens)
             terms = estimate(cfg)
             gb = terms["peak"] / 1e9
             fits = next((f"{size} GB" for size in GPU_SIZES_GB if gb + 1 <= size), "none listed")
@@ -315,57 +307,61 @@ def methods_table(base: PlanConfig) -> str:
     return "\n".join(lines)
 
 
+#: flag -> (config key, what it does); each flag is that `key=value` override under another name
+PLAN_FLAGS = {
+    "--group-size": ("rollout.group_size", "G rollouts per task of a pair"),
+    "--answer-tokens": ("rollout.max_new_tokens", "longest understanding answer"),
+    "--micro-batch": ("optim.micro_batch_size", "sequences per forward/backward"),
+    "--optimizer": ("optim.optimizer", "adamw8bit | adamw"),
+    "--update": ("optim.update", "round | kahan | stochastic_rounding"),
+    "--lora-rank": ("model.lora.rank", "LoRA rank r (0: full fine-tuning)"),
+    "--lora-quantize": ("model.lora.quantize", "none | nf4 (the language model's projections in 4 bits)"),
+    "--param-dtype": ("model.dtype", "float32 | bfloat16 | float16"),
+}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="estimate per-GPU memory of a PairGRPO run",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = PlanConfig()
     p.add_argument("--config", default=None, metavar="FILE",
-                   help="a run's YAML config: its sizes are used (the flags below override them)")
+                   help="a run's YAML config (default: the embedded defaults, as `pairuni train`)")
     p.add_argument("--model", default=None, choices=MODEL_NAMES,
-                   help=f"preset (default {defaults.model}; with --config: read off model.path's config.json)")
-    p.add_argument("--gpus", type=int, default=defaults.gpus)
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--pairs-per-gpu", type=int, default=None)
-    p.add_argument("--prompt-tokens", type=int, default=None)
-    p.add_argument("--answer-tokens", type=int, default=None)
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--no-checkpointing", action="store_true")
-    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
-    p.add_argument("--master-weights", action="store_true")
-    p.add_argument("--update", default=None, choices=UPDATES,
-                   help="optim.update: kahan adds a bf16 compensation buffer per trained parameter")
-    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (model.lora.rank; 0: full fine-tuning)")
-    p.add_argument("--lora-quantize", default=None, choices=LORA_QUANTIZE,
-                   help="model.lora.quantize: nf4 keeps the language model's projections in 4 bits")
-    p.add_argument("--param-dtype", default=None, choices=tuple(DTYPE_BYTES),
-                   help="dtype of stored weights, grads and activations (float32: an upper bound for FSDP "
-                        "with fp32 shards and bf16 compute)")
+                   help="preset whose shapes are planned (default: read off model.path's config.json)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (FSDP2 under torchrun)")
+    p.add_argument("--pairs-per-gpu", type=int, default=None, help="data.pairs_per_step = this x --gpus")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help=f"assumed text tokens of a prompt or question (default {PROMPT_TOKENS})")
+    for flag, (key, what) in PLAN_FLAGS.items():
+        p.add_argument(flag, default=None, metavar="VALUE", help=f"{key}={flag[2:].upper()}: {what}")
+    p.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing=true")
+    p.add_argument("--master-weights", action="store_true", help="optim.master_weights=true")
     p.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
     p.add_argument("--methods-table", action="store_true",
                    help="a markdown table of every preset x method (full fine-tuning with fp32 masters, Kahan or "
-                        "stochastic rounding; LoRA r=64 on a bf16 or NF4 base) at the other flags' sizes")
+                        "stochastic rounding; LoRA r=64 on a bf16 or NF4 base) of this config on bf16 weights")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for `pairuni train`")
     p.set_defaults(func=_run)
+
+
+def plan_overrides(args) -> list[str]:
+    """The `key=value` overrides of the flags given, before the explicit ones (which win)."""
+    out = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, (key, _) in PLAN_FLAGS.items()
+           if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.pairs_per_gpu is not None:
+        out.append(f"data.pairs_per_step={args.pairs_per_gpu * args.gpus}")
+    out += ["model.gradient_checkpointing=true"] * args.checkpointing + ["optim.master_weights=true"] * args.master_weights
+    return out + list(args.overrides)
 
 
 def _run(args) -> int:
     from .config import ConfigError, load_config
 
     try:
-        if args.config is not None:
-            cfg = plan_of_run(load_config(args.config, check=False), gpus=args.gpus, model=args.model)
-        else:
-            cfg = PlanConfig(model=args.model or PlanConfig.model, gpus=args.gpus)
-        flags = {"group_size": args.group_size, "pairs_per_gpu": args.pairs_per_gpu, "prompt_tokens": args.prompt_tokens,
-                 "answer_tokens": args.answer_tokens, "micro_batch": args.micro_batch, "optimizer": args.optimizer,
-                 "param_dtype": args.param_dtype, "gradient_checkpointing": False if args.no_checkpointing else None,
-                 "master_weights": True if args.master_weights else None, "update": args.update,
-                 "lora_rank": args.lora_rank, "lora_quantize": args.lora_quantize}
-        for f in fields(cfg):
-            if flags.get(f.name) is not None:
-                setattr(cfg, f.name, flags[f.name])
+        run = load_config(args.config, plan_overrides(args), check=False)
         if args.methods_table:
-            print(methods_table(cfg))
+            print(methods_table(run, gpus=args.gpus, prompt_tokens=args.prompt_tokens))
             return 0
+        cfg = plan_of_run(run, gpus=args.gpus, model=args.model, prompt_tokens=args.prompt_tokens)
         terms = estimate(cfg)
     except (ConfigError, ValueError) as exc:
         return user_error("plan", args, exc)

@@ -19,32 +19,26 @@ the image head's last layer is affine, so its output on the mix is exactly the g
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 
-from pairuni_kernels import pair_weights
-
 from . import model as janus
+from .config import Config, ImageLogprob, require
 
 TASKS = ("understanding", "generation")
 #: How an image token's policy log-prob is scored: the conditional branch (T2I-R1 / PairUni) or the
 #: CFG-guided distribution the token was drawn from.
-IMAGE_LOGPROBS = ("cond", "cfg")
-#: w_p of a retrieved pair with similarity s (aligned pairs: 1): PairUni's sqrt(s), or the ablation's s.
-PAIR_WEIGHTINGS = ("sqrt", "linear")
+IMAGE_LOGPROBS = typing.get_args(ImageLogprob)
 
 
-def pair_weights_of(similarity: torch.Tensor, aligned: torch.Tensor, weighting: str = "sqrt") -> torch.Tensor:
-    """[P] pair weights: 1 where aligned, else sqrt(s) (`pairuni_kernels.pair_weights`) or s, s clamped to [0, 1].
-
-    similarity: [P] float; aligned: [P] bool; weighting: one of PAIR_WEIGHTINGS."""
-    if weighting == "sqrt":
-        return pair_weights(similarity, aligned)
-    if weighting == "linear":
-        s = torch.nan_to_num(similarity.float()).clamp(0.0, 1.0)
-        return torch.where(aligned, torch.ones_like(s), s)
-    raise ValueError(f"weighting: expected one of {PAIR_WEIGHTINGS}, got {weighting!r}")
+def check_config(cfg: Config, world: int | None) -> None:
+    """Scoring the guided distribution (`rollout.image_logprob=cfg`) needs untruncated sampling."""
+    r = cfg.rollout
+    if r.image_logprob == "cfg":
+        require(r.image_top_k == 0 and r.image_top_p == 1.0, "rollout.image_logprob",
+                "cond when top-k/top-p is on (the trainer scores the untruncated guided distribution)", r.image_logprob)
 
 
 def scoring_temperature(sampling_temperature: float) -> float:

@@ -112,3 +112,16 @@ def set_aside(run_dir: str | os.PathLike, prefix: str = "previous") -> Path:
         if (folder / name).exists():
             os.rename(folder / name, aside / name)
     return aside
+
+
+def require_importable(key: str, name: str, module: str, install: str) -> None:
+    """Import `module` now: any failure (missing, or a broken install that raises something other than
+    ImportError) becomes one line naming the key that needs it, before a model loads."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+        first = (str(exc).splitlines() or [""])[0]
+        raise PreflightError(f"{key}={name} needs the `{module}` package ({type(exc).__name__}: {first}); "
+                             f"install it with: {install}") from None

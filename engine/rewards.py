@@ -22,15 +22,17 @@ Generation:
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from engine.data import toyworld
-
+from .config import Config, require
+from .data import toyworld
 from .policy import TASKS
+from .preflight import require_importable
 
 #: The data fields a reward may read on its half of a pair, as the PairUG file names that half.
 HALF_NAMES = {"understanding": "understand_ann", "generation": "generate_ann"}
@@ -86,6 +88,35 @@ def reward_needs(name: str) -> RewardNeeds:
     if name not in REWARDS:
         raise ValueError(f"reward: unknown {name!r}; registered: {sorted(REWARDS)}")
     return REWARDS[name].needs
+
+
+def check_config(cfg: Config, world: int | None) -> None:
+    """`reward.*`: each task's reward is registered for it; a reward that reads images needs them decoded."""
+    r, w = cfg.rollout, cfg.reward
+    for task in TASKS:
+        name = getattr(w, task)
+        names = reward_names(task)
+        require(name in names, f"reward.{task}", f"one of {names}", name)
+        if reward_needs(name).images:
+            require(r.decode_images, "rollout.decode_images", f"true (reward.{task}={name} reads decoded images)",
+                    r.decode_images)
+
+
+def check_environment(cfg: Config) -> None:
+    """A reward that loads a local model needs its path (an existing folder or file); one that needs a package
+    gets it imported now."""
+    w = cfg.reward
+    for task in TASKS:
+        name = getattr(w, task)
+        needs = reward_needs(name)
+        if needs.path is not None:
+            key, kind = needs.path
+            value = getattr(w, key)
+            exists = os.path.isdir if kind == "dir" else os.path.isfile
+            what = "a local CLIP model directory" if kind == "dir" else "a local checkpoint file"
+            require(value is not None and exists(value), f"reward.{key}", f"{what} (reward.{task}={name})", value)
+        if needs.module is not None:
+            require_importable(f"reward.{task}", name, *needs.module)
 
 
 def check_sample(name: str, sample) -> str | None:
@@ -290,7 +321,10 @@ class ClipReward:
 #: `hpsv2` wheel pins its own torch stack and ships without its BPE vocabulary, so the reward runs
 #: HPSv2's checkpoint on upstream open_clip (the library HPSv2 vendors), with a torchvision built
 #: for the installed torch (same index and version pairing as torch itself).
-HPSV2_INSTALL = 'pip install "torchvision==<the release paired with your torch>" && pip install -e ".[hpsv2]"'
+#: torchvision pins one torch release: torch 2.N pairs with torchvision 0.(N+15) (docs/TRAINING.md "Rewards");
+#: named here for the torch this process runs (torch 2.13 -> torchvision 0.28)
+HPSV2_INSTALL = (f'pip install "torchvision==0.{int(torch.__version__.split(".")[1]) + 15}.*" && '
+                 'pip install --no-build-isolation -e ".[hpsv2]"')
 #: open_clip architecture of HPSv2 / HPSv2.1.
 HPSV2_ARCH = "ViT-H-14"
 

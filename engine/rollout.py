@@ -30,6 +30,7 @@ from transformers import StaticCache
 
 from . import model as janus
 from .policy import IMAGE_LOGPROBS
+from .seeds import rollout_stream
 
 
 # ----------------------------------------------------------------------------- batches
@@ -79,9 +80,9 @@ class GenerationRollout:
     image_logprob: str
 
 
-def rollout_seeds(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
-    """[n] int64 seeds, one per rollout, a pure function of (seed, step, stream)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 17 + stream)
+def rollout_seeds(seed: int, step: int, stream: str, n: int) -> torch.Tensor:
+    """[n] int64 seeds, one per rollout, a pure function of (seed, step, stream) (`engine.seeds`)."""
+    g = torch.Generator().manual_seed(rollout_stream(seed, step, stream))
     return torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pairuni_kernels import fused_linear_policy_loss, group_advantages, linear_logprobs
+from pairuni_kernels import fused_linear_policy_loss, group_advantages, linear_logprobs, pair_weights
 from pairuni_kernels.policy_loss import loss_denominator, loss_share
 
 from . import distributed
@@ -40,7 +40,7 @@ from .checkpoint_store import step_name
 from .config import Config
 from .data.io import write_json
 from .metrics import MetricsLog, summarize
-from .policy import TASKS, pair_weights_of, task_mask, task_view
+from .policy import TASKS, task_mask, task_view
 from .preflight import history_of, set_aside
 from .rewards import RewardInput
 from .rollout import concat_rollouts, generation_rollouts, rollout_seeds, rollout_understanding, row_chunks
@@ -159,8 +159,8 @@ class PairGRPOTrainer:
             # 1. rollouts: G answers per question, G images per prompt, row chunks of rollout.max_batch
             und_samples = [p.understand for p in pairs for _ in range(g)]
             gen_samples = [p.generate for p in pairs for _ in range(g)]
-            und = self._understanding_rollouts(und_samples, rollout_seeds(seed, step, 0, n_global)[mine])
-            gen = self._generation_rollouts(gen_samples, rollout_seeds(seed, step, 1, n_global)[mine])
+            und = self._understanding_rollouts(und_samples, rollout_seeds(seed, step, "understanding", n_global)[mine])
+            gen = self._generation_rollouts(gen_samples, rollout_seeds(seed, step, "generation", n_global)[mine])
             # 2. rewards
             r_und = self.parts.rewards["understanding"](RewardInput(samples=und_samples, texts=und.texts))
             r_gen = self.parts.rewards["generation"](RewardInput(samples=gen_samples, images=gen.images))
@@ -170,7 +170,7 @@ class PairGRPOTrainer:
         if cfg.algo.use_pair_weights:
             sim = torch.tensor([p.similarity for p in pairs], dtype=torch.float32)
             aligned = torch.tensor([p.aligned for p in pairs], dtype=torch.bool)
-            weights = pair_weights_of(sim, aligned, cfg.algo.pair_weighting)[group_ids]
+            weights = pair_weights(sim, aligned, weighting=cfg.algo.pair_weighting)[group_ids]
         eps = cfg.algo.advantage_eps
         adv_und = group_advantages(r_und, group_ids, weights=weights, eps=eps)
         adv_gen = group_advantages(r_gen, group_ids, weights=weights, eps=eps)
@@ -317,7 +317,7 @@ class PairGRPOTrainer:
         return self.checkpoints.save(self.step, self.state_extra())
 
     def maybe_resume(self) -> bool:
-        """Load the checkpoint `config.start_point` chose before the model loaded (none: False)."""
+        """Load the checkpoint `run_start.start_point` chose before the model loaded (none: False)."""
         point = self.parts.resume
         if point is None or point.path is None:
             return False

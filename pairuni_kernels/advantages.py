@@ -82,13 +82,16 @@ def _group_advantages_kernel(
 
 
 @triton.jit
-def _pair_weights_kernel(sim_ptr, aligned_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _pair_weights_kernel(sim_ptr, aligned_ptr, out_ptr, n, BLOCK: tl.constexpr, SQRT: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     s = tl.load(sim_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     aligned = tl.load(aligned_ptr + offs, mask=inb, other=0) != 0
     s = tl.where(s == s, s, 0.0)  # NaN similarity of an aligned pair is irrelevant; keep it out of sqrt
-    w = tl.where(aligned, 1.0, tl.sqrt(tl.minimum(tl.maximum(s, 0.0), 1.0)))
+    s = tl.minimum(tl.maximum(s, 0.0), 1.0)
+    if SQRT:
+        s = tl.sqrt(s)
+    w = tl.where(aligned, 1.0, s)
     tl.store(out_ptr + offs, w, mask=inb)
 
 
@@ -139,18 +142,18 @@ def group_advantages_triton(rewards, group_ids, weights=None, eps=1e-6, scale="g
     return out
 
 
-def _pair_weights_launch(similarity, aligned) -> tuple[KernelLaunch, torch.Tensor]:
+def _pair_weights_launch(similarity, aligned, weighting: str = "sqrt") -> tuple[KernelLaunch, torch.Tensor]:
     n = similarity.numel()
     out = torch.empty(n, dtype=torch.float32, device=similarity.device)
     launch = KernelLaunch.build(
         _pair_weights_kernel, (triton.cdiv(n, PAIR_BLOCK),),
         (similarity.to(torch.float32).contiguous(), aligned.contiguous().view(torch.uint8), out, n),
-        {"BLOCK": PAIR_BLOCK})
+        {"BLOCK": PAIR_BLOCK, "SQRT": weighting == "sqrt"})
     return launch, out
 
 
-def pair_weights_triton(similarity, aligned) -> torch.Tensor:
-    launch, out = _pair_weights_launch(similarity, aligned)
+def pair_weights_triton(similarity, aligned, weighting: str = "sqrt") -> torch.Tensor:
+    launch, out = _pair_weights_launch(similarity, aligned, weighting)
     if similarity.numel():
         launch()
     return out
@@ -166,9 +169,9 @@ def kernel_variants() -> list[KernelLaunch]:
         weights = torch.empty(n, dtype=w_dt, device="meta") if weighted else None
         launches.append(_advantages_launch(rewards, torch.empty(n, dtype=torch.int64, device="meta"), weights,
                                            1e-6, scale)[0])
-    for s_dt in FLOAT_DTYPES:
+    for s_dt, weighting in itertools.product(FLOAT_DTYPES, ref.PAIR_WEIGHTINGS):
         launches.append(_pair_weights_launch(torch.empty(n, dtype=s_dt, device="meta"),
-                                             torch.empty(n, dtype=torch.bool, device="meta"))[0])
+                                             torch.empty(n, dtype=torch.bool, device="meta"), weighting)[0])
     return unique(launches)
 
 
@@ -200,16 +203,18 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, weights:
     return ref._group_advantages_impl(rewards, group_ids, weights, float(eps), scale)
 
 
-def pair_weights(similarity: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
-    """PairGRPO pair weights: 1 for aligned pairs, `sqrt(clamp(s, 0, 1))` for retrieved ones.
+def pair_weights(similarity: torch.Tensor, aligned: torch.Tensor, weighting: str = "sqrt") -> torch.Tensor:
+    """PairGRPO pair weights: 1 for aligned pairs, `sqrt(clamp(s, 0, 1))` for retrieved ones (PairUni), or
+    `clamp(s, 0, 1)` with weighting="linear" (the paper's weighting ablation).
 
     Args:
         similarity: [P] float, similarity of the pair's two halves (ignored where aligned).
         aligned:    [P] bool.
+        weighting:  "sqrt" | "linear" (`reference.PAIR_WEIGHTINGS`).
     Returns:
         [P] float32 weights.
     """
-    ref.validate_pair_weight_inputs(similarity, aligned)
+    ref.validate_pair_weight_inputs(similarity, aligned, weighting)
     if use_triton(similarity):
-        return pair_weights_triton(similarity, aligned)
-    return ref._pair_weights_impl(similarity, aligned)
+        return pair_weights_triton(similarity, aligned, weighting)
+    return ref._pair_weights_impl(similarity, aligned, weighting)

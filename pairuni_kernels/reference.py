@@ -25,6 +25,8 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+#: w_p of a retrieved pair with similarity s: PairUni's sqrt(s), or s (the paper's weighting ablation).
+PAIR_WEIGHTINGS = ("sqrt", "linear")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -111,7 +113,9 @@ def _group_advantages_impl(rewards, group_ids, weights, eps, scale):
     return adv
 
 
-def validate_pair_weight_inputs(similarity, aligned) -> None:
+def validate_pair_weight_inputs(similarity, aligned, weighting: str = "sqrt") -> None:
+    if weighting not in PAIR_WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {PAIR_WEIGHTINGS}, got {weighting!r}")
     check_tensor("similarity", similarity, ndim=1, dtypes=FLOAT_DTYPES)
     check_tensor("aligned", aligned, ndim=1, dtypes=(torch.bool,), device=similarity.device)
     check_shape("aligned", aligned, similarity.shape)
@@ -121,22 +125,24 @@ def validate_pair_weight_inputs(similarity, aligned) -> None:
         raise ValueError(f"similarity: non-finite similarity {similarity[i].item()} for retrieved pair {i}")
 
 
-def pair_weights(similarity: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
-    """PairGRPO pair weights: 1 for aligned pairs, `sqrt(clamp(s, 0, 1))` for retrieved pairs.
+def pair_weights(similarity: torch.Tensor, aligned: torch.Tensor, weighting: str = "sqrt") -> torch.Tensor:
+    """PairGRPO pair weights: 1 for aligned pairs, `sqrt(clamp(s, 0, 1))` for retrieved pairs (PairUni), or
+    `clamp(s, 0, 1)` with weighting="linear" (the paper's weighting ablation).
 
     Args:
         similarity: [P] float, the pair's similarity (ignored where aligned).
         aligned:    [P] bool.
+        weighting:  one of PAIR_WEIGHTINGS.
     Returns:
         [P] weights in the compute dtype.
     """
-    validate_pair_weight_inputs(similarity, aligned)
-    return _pair_weights_impl(similarity, aligned)
+    validate_pair_weight_inputs(similarity, aligned, weighting)
+    return _pair_weights_impl(similarity, aligned, weighting)
 
 
-def _pair_weights_impl(similarity, aligned):
-    s = similarity.to(compute_dtype(similarity.dtype))
-    return torch.where(aligned, torch.ones_like(s), torch.nan_to_num(s).clamp(0.0, 1.0).sqrt())
+def _pair_weights_impl(similarity, aligned, weighting: str = "sqrt"):
+    s = torch.nan_to_num(similarity.to(compute_dtype(similarity.dtype))).clamp(0.0, 1.0)
+    return torch.where(aligned, torch.ones_like(s), s.sqrt() if weighting == "sqrt" else s)
 
 
 # ----------------------------------------------------------------------------- policy loss

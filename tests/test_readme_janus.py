@@ -1,10 +1,10 @@
-"""README's "Train Janus-Pro-1B / 7B" section, run command by command, in order, as a user would.
+"""docs/TRAINING.md's "Train Janus-Pro-1B / 7B" section, run command by command, in order, as a user would.
 
-The commands are parsed from README.md's ```bash / ```py blocks of that section (so the two cannot drift) and
+The commands are parsed from that section's ```bash / ```py blocks (so the two cannot drift) and
 run in a fresh folder where `checkpoints/Janus-Pro-1B` and `checkpoints/Janus-Pro-7B` are the tiny
 directory in the exact Janus-Pro-1B format (the `janus_pro_dir` fixture) and `configs/` is the repository's.
 What the test adds to a command only shrinks it (`SHRINK`: steps, group size, answer length, pairs; a
-2-process torchrun); paths and every other argument are the README's. `pairuni` commands run in-process
+2-process torchrun; a probe of 2 batches); paths and every other argument are the document's. `pairuni` commands run in-process
 (`engine.cli.main`), torchrun and the Python snippet as subprocesses. Skipped, and asserted to be exactly
 these: `hf download` (network) and the NF4 LoRA run (CUDA only; run when a GPU is present).
 """
@@ -25,6 +25,7 @@ from PIL import Image
 from engine import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "TRAINING.md"
 SECTION = "## Train Janus-Pro-1B / 7B"
 
 #: Overrides that only shrink a training run to the tiny directory's scale (a few seconds a step on 2 cores).
@@ -32,18 +33,19 @@ SHRINK = ["data.pairs_per_step=2", "rollout.group_size=2", "rollout.max_new_toke
           "optim.micro_batch_size=4", "train.save_every=1", "train.progress=false"]
 #: ... and, for a run that evaluates, an evaluation at every step with one image per prompt.
 SHRINK_EVAL = ["train.eval_every=1", "train.eval_samples=1"]
-#: What a network download or a CUDA-only run needs; these README commands are skipped here, for this reason.
+#: What a network download or a CUDA-only run needs; these commands are skipped here, for this reason.
 NETWORK, CUDA = "needs the network (the fixture stands in for the download)", "needs CUDA (bitsandbytes NF4)"
 
 
-def section_text(readme: str = (ROOT / "README.md").read_text()) -> str:
-    start = readme.index(SECTION)
-    end = readme.find("\n## ", start + len(SECTION))
-    return readme[start:end if end >= 0 else len(readme)]
+def section_text(doc: str | None = None) -> str:
+    doc = DOC.read_text() if doc is None else doc
+    start = doc.index(SECTION)
+    end = doc.find("\n## ", start + len(SECTION))
+    return doc[start:end if end >= 0 else len(doc)]
 
 
 def section_commands(text: str) -> list[tuple[str, str]]:
-    """[(kind, source)] in README order: kind "shell" (one command, continuation lines joined) or "python"
+    """[(kind, source)] in the document's order: kind "shell" (one command, continuation lines joined) or "python"
     (a whole ```py block)."""
     out: list[tuple[str, str]] = []
     for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
@@ -110,7 +112,7 @@ def test_train_janus_pro_section_runs(janus_pro_dir, tmp_path, monkeypatch, caps
             script.write_text(src)
             proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=300)
-            assert proc.returncode == 0, f"README snippet failed:\n{proc.stderr[-3000:]}"
+            assert proc.returncode == 0, f"the walk-through's snippet failed:\n{proc.stderr[-3000:]}"
             with Image.open(tmp_path / "three_red_circles.png") as drawn:  # the snippet loaded the export and drew
                 assert drawn.mode == "RGB" and drawn.size[0] > 0
             ran.append("python snippet")
@@ -133,7 +135,7 @@ def test_train_janus_pro_section_runs(janus_pro_dir, tmp_path, monkeypatch, caps
             run_dir = Path(_key(argv, "train.run_dir"))
             assert _steps(run_dir) == [1] and (run_dir / "checkpoints" / "latest").is_file()
             continue
-        assert argv[0] == "pairuni", f"README command not handled by this test: {src}"
+        assert argv[0] == "pairuni", f"a command this test does not handle: {src}"
         command, args = argv[1], argv[2:]
         if command == "toy-world":
             args = [*args, "--n", "12", "--size", "32", "--quiet"]
@@ -144,13 +146,16 @@ def test_train_janus_pro_section_runs(janus_pro_dir, tmp_path, monkeypatch, caps
             args = [*args, *SHRINK, *(SHRINK_EVAL if evaluates else []), f"train.steps={2 if resumed else 1}"]
         elif command == "eval":
             args = [*args, "--samples", "2", "--no-progress"]
+        elif command == "probe-gradients":
+            args[args.index("--num-batches") + 1] = "2"
+            args = [*args, *SHRINK]
         assert cli.main([command, *args]) == 0, f"{src}\n{capsys.readouterr().err[-3000:]}"
         out = capsys.readouterr().out
         if command == "toy-world":
             assert (Path(_option(args, "--out")) / "pairs.jsonl").is_file()
         elif command == "plan":
             peak = re.search(r"\| peak \| (\d+\.\d\d) \|", out)
-            assert peak and f"{peak[1]} GiB" in text, f"README should state the plan's {peak and peak[1]} GiB peak: {src}"
+            assert peak and f"{peak[1]} GiB" in text, f"the section should state the plan's {peak and peak[1]} GiB peak: {src}"
         elif command == "train":
             if resumed:  # the interrupted run's step is kept, the next one appended, from its checkpoint
                 assert _steps(run_dir) == [1, 2] and _steps(run_dir)[:1] == runs[run_dir]
@@ -162,6 +167,8 @@ def test_train_janus_pro_section_runs(janus_pro_dir, tmp_path, monkeypatch, caps
                 assert (run_dir / "eval" / "heldout_pairs.jsonl").is_file()
                 assert (run_dir / "eval" / f"step_{_steps(run_dir)[-1]:06d}.png").is_file()
                 assert any(k.startswith("eval/") for k in json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]))
+        elif command == "probe-gradients":  # the config's run folder holds the run trained above: only read
+            assert (Path(_option(args, "--out")) / "gradient_probe.json").is_file() and "median" in out
         elif command == "export":
             folder = Path(_option(args, "--out"))
             assert {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json"} <= {
@@ -179,4 +186,5 @@ def test_train_janus_pro_section_runs(janus_pro_dir, tmp_path, monkeypatch, caps
     assert skipped == expected
     assert {"python snippet", "torchrun --nproc_per_node 8 configs/janus_pro_7b_fsdp.yaml",
             "pairuni train --config configs/janus_pro_1b.yaml", "pairuni train --config configs/janus_pro_7b_1gpu.yaml",
-            "pairuni export runs/janus_pro_1b", "pairuni eval --model"} <= set(ran)
+            "pairuni export runs/janus_pro_1b", "pairuni eval --model",
+            "pairuni probe-gradients --config configs/janus_pro_1b.yaml"} <= set(ran)

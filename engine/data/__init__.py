@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.data.io import iter_pairs, read_pairs, resolve_image_path, write_pairs
-from engine.data.schema import MC_SUFFIX, Pair, Sample
+from .io import iter_pairs, read_pairs, resolve_image_path, write_pairs
+from .schema import MC_SUFFIX, Pair, Sample
 
 DEFAULT_TOYWORLD_DIR = Path(__file__).resolve().parent / "toyworld_default"
 # How the bundled world was made; tests check that the files match a regeneration.

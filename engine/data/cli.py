@@ -13,7 +13,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from engine.data import pairing, toyworld
+    from . import pairing, toyworld
 
     p = subparsers.add_parser(
         "validate", help="check a PairUG pairs JSONL file and report every problem with its line number",
@@ -100,7 +100,7 @@ def _fail(message: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from engine.data.validate import validate_pairs
+    from .validate import validate_pairs
 
     try:
         report = validate_pairs(args.pairs, data_root=args.data_root, check_images=not args.no_images,
@@ -120,7 +120,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _build_pairs(args: argparse.Namespace) -> int:
-    from engine.data.pairing import build_pairs, side_paths
+    from .pairing import build_pairs, side_paths
 
     try:
         stats = build_pairs(args.understand, args.generate, args.out, model=args.model, modality=args.modality,
@@ -140,7 +140,7 @@ def _build_pairs(args: argparse.Namespace) -> int:
 
 
 def _complete(args: argparse.Namespace) -> int:
-    from engine.data.completion import CompletionConfig, complete_file, rejected_path
+    from .completion import CompletionConfig, complete_file, rejected_path
 
     overrides = {"base_url": args.base_url, "model": args.model, "api_key": args.api_key,
                  "concurrency": args.concurrency, "max_retries": args.max_retries, "max_attempts": args.max_attempts,
@@ -173,7 +173,7 @@ def _complete(args: argparse.Namespace) -> int:
 
 
 def _toy_world(args: argparse.Namespace) -> int:
-    from engine.data.toyworld import generate_toy_world
+    from .toyworld import generate_toy_world
 
     try:
         stats = generate_toy_world(args.n, args.out, seed=args.seed, size=args.size,

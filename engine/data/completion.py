@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.data.io import (
+from .io import (
     atomic_writer,
     data_root_of,
     dumps_line,
@@ -43,7 +43,7 @@ from engine.data.io import (
     relocate_image_path,
     resolve_image_path,
 )
-from engine.data.schema import (
+from .schema import (
     OPTION_LETTERS,
     Sample,
     format_multiple_choice,

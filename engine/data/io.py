@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from engine.data.schema import Pair, Sample
+from .schema import Pair, Sample
 
 
 def current_umask() -> int:

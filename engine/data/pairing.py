@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.data.embed import encode_stream, load_embedder, load_rgb
-from engine.data.io import (
+from .embed import encode_stream, load_embedder, load_rgb
+from .io import (
     atomic_writer,
     data_root_of,
     dumps_line,
@@ -43,7 +43,7 @@ from engine.data.io import (
     resolve_image_path,
     write_json,
 )
-from engine.data.schema import Pair, Sample, parse_multiple_choice
+from .schema import Pair, Sample, parse_multiple_choice
 
 DEFAULT_DELTA = 0.6
 DEFAULT_TOP_N = 8

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from engine.data.io import read_pairs, resolve_image_path
-from engine.data.schema import Pair, Sample
-from engine.data.validate import image_file_problem
+from ..seeds import data_order
+from .io import read_pairs, resolve_image_path
+from .schema import Pair, Sample
+from .validate import image_file_problem
 
 #: `check(pair) -> problem or None`, one per reward.
 PairCheck = Callable[[Pair], "str | None"]
@@ -73,7 +74,7 @@ class PairSampler:
         n = len(self.pairs)
         if not self.shuffle:
             return list(range(n))
-        g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        g = torch.Generator().manual_seed(data_order(self.seed, self.epoch))
         return torch.randperm(n, generator=g).tolist()
 
     def next_indices(self) -> list[int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data.io import (
+from .io import (
     atomic_writer,
     data_root_of,
     dumps_line,
@@ -31,7 +31,7 @@ from engine.data.io import (
     relocate_image_path,
     resolve_image_path,
 )
-from engine.data.schema import (
+from .schema import (
     ANN_FIELDS,
     OPTION_LETTERS,
     PAIR_KINDS,

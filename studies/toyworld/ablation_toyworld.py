@@ -1,8 +1,8 @@
 """Does pairing help? PairUni's data and pair-weighting ablations, reproduced on the toy world.
 
-    python benchmarks/ablation_toyworld.py --jobs 2        # the study: 7 variants x 5 seeds, 2 runs at a time
-    python benchmarks/ablation_toyworld.py --transfer purple --jobs 2   # the transfer test (see `recoloured`)
-    python benchmarks/ablation_toyworld.py --quick         # 2 variants, 1 seed, a few steps (run by make test)
+    python studies/toyworld/ablation_toyworld.py --jobs 2        # the study: 7 variants x 5 seeds, 2 runs at a time
+    python studies/toyworld/ablation_toyworld.py --transfer purple --jobs 2   # the transfer test (see `recoloured`)
+    python studies/toyworld/ablation_toyworld.py --quick         # 2 variants, 1 seed, a few steps (run by make test)
 
 The paper (docs/PAIRUNI.md "Data ablation", "Gradient analysis") trains Janus-Pro-1B on
 understanding-only, generation-only, an unpaired mix, random pairs and PairUG, and weights
@@ -40,7 +40,7 @@ generation reward and attribute score (read off the decoded pixels), on the trai
 ("seen") and the held-out pairs; the change from the seed's starting model, and the difference
 from PairUni's arm of the same seed; and the gradient-cosine probe (`engine.probe.probe_gradients`:
 cos(grad L_und, grad L_gen), built pairs vs randomly re-paired) on the starting model and on each
-trained one. Results: JSON, markdown tables and a plot under --out (default benchmarks/results/).
+trained one. Results: JSON, markdown tables and a plot under --out (default results/ beside this script).
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (str(ROOT), str(ROOT / "benchmarks")):
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RESULTS = HERE / "results"
+for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
@@ -695,9 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-steps", type=int, default=None,
                     help="supervised warm-start steps per seed (0: RL from the random tiny model, the first study)")
     ap.add_argument("--work", default="/tmp/pairuni_ablation", help="toy world and run directories")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                    help="where ablation_toyworld.{json,md,png} go ('' for nowhere)")
+    ap.add_argument("--out", default=None,
+                    help="where ablation_toyworld.{json,md,png} go ('' for nowhere; default: results/ beside this "
+                         "script, results/quick/ with --quick, so a smoke test never replaces the study's results)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS / "quick" if args.quick else RESULTS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     s = StudySettings.quick() if args.quick else StudySettings()
@@ -728,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag}: expected an integer >= {least}, got {value}")
     if s.transfer is not None and s.transfer not in COLORS:
         ap.error(f"--transfer: expected a toy-world colour {tuple(COLORS)}, got {s.transfer!r}")
-    command = "python benchmarks/ablation_toyworld.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python studies/toyworld/ablation_toyworld.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         load_config(None, [f"{k}={v}" for k, v in s.run_overrides.items()])  # a bad --set: now, not in a worker
         result = run_study(s, Path(args.work), Path(args.out) if args.out else None, command.strip(), jobs=args.jobs)

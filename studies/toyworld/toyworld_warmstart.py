@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from engine import model as janus
-from engine.config import load_config
+from engine.config import DEFAULT_TRAIN_MODULES, load_config
 from engine.data import toyworld
 from engine.export import export_policy
 from engine.policy import task_view
@@ -38,7 +38,7 @@ from engine.rollout import GenerationRollout, UnderstandingRollout, uncond_promp
 log = logging.getLogger("pairuni.warmstart")
 
 #: Trained by the warm start: the RL default plus the vision encoder and the image-token embeddings.
-WARM_TRAIN_MODULES = (*janus.DEFAULT_TRAIN_MODULES, "vision_model", "generation_embeddings")
+WARM_TRAIN_MODULES = (*DEFAULT_TRAIN_MODULES, "vision_model", "generation_embeddings")
 
 
 def toy_palette() -> torch.Tensor:

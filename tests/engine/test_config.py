@@ -55,6 +55,9 @@ def test_overrides_parse_yaml_values_into_nested_keys():
     ("algo.beta=-.inf", "algo.beta: expected a finite number"),
     ("optim.betas=[0.9, .nan]", "1]: expected a finite number"),  # optim.betas[1]
     ("optim.max_grad_norm=inf", "optim.max_grad_norm: expected a finite number"),  # the string form too
+    ("model.dtype=float64", "model.dtype: expected one of float32 | bfloat16 | float16"),  # a Literal choice
+    ("model.train_modules=[lm_head, vision]", r"model.train_modules\[1\]: expected one of language_model"),
+    ("train.run_dir=", "train.run_dir: expected a folder"),  # would write into the current folder
 ])
 def test_bad_values_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -179,7 +182,7 @@ def test_24gb_config_is_lora_on_a_4bit_base():
 
 def test_keys_added_after_a_checkpoint_change_nothing_while_at_their_default():
     """A checkpoint written before optim.update / model.lora existed resumes; a non-default value is a change."""
-    from engine.config import trajectory_changes
+    from engine.run_start import trajectory_changes
 
     saved = Config().to_dict()
     del saved["optim"]["update"]
@@ -188,3 +191,29 @@ def test_keys_added_after_a_checkpoint_change_nothing_while_at_their_default():
     changed = Config()
     changed.model.lora.rank = 4
     assert trajectory_changes(saved, changed.to_dict()) == ["model.lora.rank: 0 -> 4"]
+
+
+def test_checking_a_config_changes_nothing_on_disk(trained_run, toy_world, tiny_overrides, tmp_path):
+    """load_config only reads; where a run starts (clearing a dead save, refusing a changed config) is
+    run_start.start_point's, which the trainer calls before the model loads."""
+    import shutil
+    import subprocess
+    import sys
+
+    from engine.checkpoint_store import CheckpointStore
+    from engine.run_start import start_point
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[1], run)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store = CheckpointStore(run)
+    temp = store.root / f".tmp_step_000009.{store.host}.{int(dead.stdout)}"
+    temp.mkdir()
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    changed = load_config(None, tiny_overrides(toy_world, run, **{"train.resume": "true", "algo.beta": 0.5}))
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    with pytest.raises(ConfigError, match="written with another config, .*algo.beta"):
+        start_point(changed)
+    assert not temp.exists()  # start_point cleared the dead save
+    point = start_point(load_config(None, tiny_overrides(toy_world, run, **{"train.resume": "true"})))
+    assert point.path is not None and point.path.parent == store.root

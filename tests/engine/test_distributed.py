@@ -115,11 +115,12 @@ def test_two_ranks_equal_one_process(world_dir, single, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / f"step_{STEPS:06d}"
     assert (ckpt / ".metadata").is_file() and (ckpt / "state.json").is_file()
     # a single process (no torchrun) refuses the sharded checkpoint with a message, not a traceback, and
-    # before any model loads: the config's validation looks at the checkpoint it would resume
+    # before any model loads: where the run starts (run_start.start_point) looks at the checkpoint it would resume
     from engine.config import ConfigError, load_config
+    from engine.run_start import start_point
 
     with pytest.raises(ConfigError, match="torchrun"):
-        load_config(None, overrides(world_dir, tmp_path / "run", **{"train.resume": True}))
+        start_point(load_config(None, overrides(world_dir, tmp_path / "run", **{"train.resume": True})))
 
 
 @pytest.mark.slow

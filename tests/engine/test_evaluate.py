@@ -12,11 +12,12 @@ import torch
 
 from engine import cli
 from engine.build import image_cache
-from engine.config import ConfigError, data_splits, load_config
+from engine.config import ConfigError, load_config
 from engine.data import toyworld
 from engine.data.io import read_pairs
 from engine.evaluate import GRID_PROMPTS, HELDOUT_FILE, attribute_checks, attribute_score, evaluate
 from engine.preflight import set_aside
+from engine.run_start import data_splits
 from engine.trainer import PairGRPOTrainer
 
 

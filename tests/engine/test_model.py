@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import model as janus
+from engine.config import DEFAULT_TRAIN_MODULES
 
 
 def test_tiny_janus_shapes():
@@ -34,8 +35,8 @@ def test_painted_decoder_draws_each_token_as_a_colour_block():
 
 def test_set_trainable_freezes_vision_and_vq():
     m = janus.tiny_janus(80)
-    counts = janus.set_trainable(m, janus.DEFAULT_TRAIN_MODULES)
-    assert set(counts) == set(janus.DEFAULT_TRAIN_MODULES)
+    counts = janus.set_trainable(m, DEFAULT_TRAIN_MODULES)
+    assert set(counts) == set(DEFAULT_TRAIN_MODULES)
     assert not any(p.requires_grad for p in m.model.vision_model.parameters())
     assert not any(p.requires_grad for p in m.model.vqmodel.parameters())
     assert not m.model.generation_embeddings.weight.requires_grad

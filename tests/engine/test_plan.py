@@ -1,10 +1,23 @@
 """`pairuni plan`: exact Janus-Pro shapes and the memory terms' arithmetic."""
 
+import contextlib
+
 import pytest
 
 from engine import plan
-from engine.config import load_config
+from engine.config import ConfigError, load_config
 from engine.janus_shapes import janus_pro_config, parameter_counts
+
+
+#: The settings of the methods table (`pairuni plan --methods-table` with these overrides): G=4, one pair per
+#: step, 256-token answers, micro-batches of one, gradient checkpointing, bf16 weights.
+PAPER = ("rollout.group_size=4", "data.pairs_per_step=1", "rollout.max_new_tokens=256", "optim.micro_batch_size=1",
+         "model.gradient_checkpointing=true", "model.dtype=bfloat16")
+
+
+def plan_for(model: str, *overrides: str, gpus: int = 1) -> plan.PlanConfig:
+    """The plan of the PAPER settings plus `overrides` on `gpus` GPUs, as `pairuni plan` builds it."""
+    return plan.plan_of_run(load_config(None, [*PAPER, *overrides], check=False), gpus=gpus, model=model)
 
 
 @pytest.fixture(scope="module")
@@ -23,40 +36,51 @@ def test_janus_pro_shapes_match_released_sizes(counts_7b):
 
 
 def test_terms_follow_parameter_counts(counts_7b):
-    cfg = plan.PlanConfig(model="janus-pro-7b", gpus=1)
-    one = plan.estimate(cfg)
+    one = plan.estimate(plan_for("janus-pro-7b"))
     total = sum(counts_7b.values())
     trainable = total - counts_7b["vision_model"] - counts_7b["vqmodel"]
     assert one["weights"] == pytest.approx(2 * total)
     assert one["grads"] == pytest.approx(2 * trainable)
     assert one["optimizer"] == pytest.approx(trainable * (2 + 8 / 2048))
-    eight = plan.estimate(plan.PlanConfig(model="janus-pro-7b", gpus=8))
+    # torchrun needs torch's AdamW (bitsandbytes cannot step FSDP2's DTensors): the same rule as a launch
+    with pytest.raises(ConfigError, match="optim.optimizer: expected adamw under torchrun"):
+        plan_for("janus-pro-7b", "data.pairs_per_step=8", gpus=8)
+    one_adamw = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw"))
+    eight = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw", "data.pairs_per_step=8", gpus=8))
     for key in ("weights", "grads", "optimizer"):
-        assert eight[key] == pytest.approx(one[key] / 8)
+        assert eight[key] == pytest.approx(one_adamw[key] / 8)
     assert eight["fsdp_gather"] > 0 == one["fsdp_gather"]
-    fp32 = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw", param_dtype="float32"))
+    fp32 = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw", "model.dtype=float32"))
     assert fp32["optimizer"] == pytest.approx(8 * trainable)
 
 
 def test_checkpointing_and_group_size_move_the_right_terms():
-    on = plan.estimate(plan.PlanConfig(model="janus-pro-1b", group_size=8))
-    off = plan.estimate(plan.PlanConfig(model="janus-pro-1b", group_size=8, gradient_checkpointing=False))
+    on = plan.estimate(plan_for("janus-pro-1b", "rollout.group_size=8"))
+    off = plan.estimate(plan_for("janus-pro-1b", "rollout.group_size=8", "model.gradient_checkpointing=false"))
     assert off["activations"] > 5 * on["activations"]
-    big = plan.estimate(plan.PlanConfig(model="janus-pro-1b", group_size=16))
+    big = plan.estimate(plan_for("janus-pro-1b", "rollout.group_size=16"))
     assert big["kv_cache"] == pytest.approx(2 * on["kv_cache"])
     assert on["peak"] == max(on["rollout_peak"], on["update_peak"])
 
 
-@pytest.mark.parametrize("field,value", [("model", "janus-pro-3b"), ("gpus", 0), ("optimizer", "sgd"),
-                                         ("param_dtype", "int8")])
-def test_bad_plan_config(field, value):
-    with pytest.raises(ValueError, match=field):
-        plan.estimate(plan.PlanConfig(**{field: value}))
+@pytest.mark.parametrize("args,message", [
+    (["--model", "janus-pro-3b"], "invalid choice"), (["--gpus", "0"], "--gpus: expected an integer >= 1"),
+    (["--optimizer", "sgd"], "optim.optimizer: expected one of adamw8bit | adamw"),
+    (["--param-dtype", "int8"], "model.dtype: expected one of"), (["rollout.group_size=1"], "rollout.group_size"),
+    (["--lora-rank", "8", "--gpus", "2", "optim.optimizer=adamw"], "model.lora.rank: expected 0 under torchrun"),
+    (["--update", "kahan"], "optim.update: expected round unless model.dtype=bfloat16")])
+def test_bad_plan_flags_get_the_runs_one_line_errors(args, message, capsys):
+    """The planner has no rules of its own: a bad flag or override is refused as a run's config would be."""
+    from engine import cli
+
+    with pytest.raises(SystemExit) if "invalid choice" in message else contextlib.nullcontext():
+        assert cli.main(["plan", "--model", "janus-pro-1b", *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_fsdp_rollouts_hold_the_gathered_model():
-    one = plan.estimate(plan.PlanConfig(model="janus-pro-7b", gpus=1))
-    eight = plan.estimate(plan.PlanConfig(model="janus-pro-7b", gpus=8))
+    one = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw"))
+    eight = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw", "data.pairs_per_step=8", gpus=8))
     assert one["rollout_gather"] == 0
     # rollouts keep every parameter gathered: the 7/8 this GPU does not own, in bf16
     assert eight["rollout_gather"] == pytest.approx(one["weights"] * 7 / 8)
@@ -66,13 +90,16 @@ def test_fsdp_rollouts_hold_the_gathered_model():
 def test_plan_of_a_run_config_uses_its_sizes(tmp_path):
     from engine.config import load_config
 
-    run = load_config("configs/janus_pro_1b.yaml", ["rollout.max_batch=4"], check=False)
+    # on 2 GPUs as a torchrun launch must run it: torch AdamW, fp32 shards (the masters) computed in bf16
+    fsdp = ["optim.optimizer=adamw", "optim.master_weights=false", "model.dtype=float32", "distributed.param_dtype=bfloat16"]
+    run = load_config("configs/janus_pro_1b.yaml", ["rollout.max_batch=4", *fsdp], check=False)
     cfg = plan.plan_of_run(run, gpus=2, model="janus-pro-1b")
     assert (cfg.group_size, cfg.pairs_per_gpu, cfg.answer_tokens, cfg.micro_batch) == (
         run.rollout.group_size, run.data.pairs_per_step // 2, run.rollout.max_new_tokens, run.optim.micro_batch_size)
     assert cfg.reward_params == plan.REWARD_MODEL_PARAMS["clip"] and cfg.master_weights
+    assert cfg.param_dtype == "bfloat16"
     chunked, whole = plan.estimate(cfg), plan.estimate(plan.plan_of_run(load_config(
-        "configs/janus_pro_1b.yaml", ["rollout.max_batch=0"], check=False), gpus=2, model="janus-pro-1b"))
+        "configs/janus_pro_1b.yaml", ["rollout.max_batch=0", *fsdp], check=False), gpus=2, model="janus-pro-1b"))
     # rollout.max_batch=4 decodes 4 of the 8 pairs x G=8 rows at a time (0: all 64): the KV cache shrinks 16-fold
     assert chunked["kv_cache"] == pytest.approx(whole["kv_cache"] / 16)
     assert chunked["reward_models"] == 4 * plan.REWARD_MODEL_PARAMS["clip"]
@@ -115,29 +142,33 @@ def test_plan_terms_of_compensated_updates_and_lora():
     trainable parameters are r x (in + out) per adapted layer."""
     from engine.janus_shapes import janus_pro_config, linear_shapes
 
-    full = plan.estimate(plan.PlanConfig(model="janus-pro-1b"))
-    kahan = plan.estimate(plan.PlanConfig(model="janus-pro-1b", update="kahan"))
+    full = plan.estimate(plan_for("janus-pro-1b"))
+    kahan = plan.estimate(plan_for("janus-pro-1b", "optim.update=kahan"))
     assert kahan["compensation"] == 2 * full["trainable_parameters"]
-    lo = plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, lora_targets=("attention",)))
+    lo = plan.estimate(plan_for("janus-pro-1b", "model.lora.rank=8", "model.lora.targets=[attention]"))
     shapes = linear_shapes(janus_pro_config("janus-pro-1b"))
     attn = [s for n, s in shapes.items() if n.startswith("model.language_model.") and ".self_attn." in n]
     assert len(attn) == 4 * 24 and lo["trainable_parameters"] == sum(8 * (i + o) for i, o in attn)
-    nf4 = plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, lora_quantize="nf4"))
+    nf4 = plan.estimate(plan_for("janus-pro-1b", "model.lora.rank=8", "model.lora.quantize=nf4"))
     lm_proj = sum(i * o for n, (i, o) in shapes.items() if n.startswith("model.language_model.layers."))
-    saved = plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8))["weights"] - nf4["weights"]
+    saved = plan.estimate(plan_for("janus-pro-1b", "model.lora.rank=8"))["weights"] - nf4["weights"]
     assert saved == pytest.approx(lm_proj * (2 - plan.NF4_BYTES))
-    with pytest.raises(ValueError, match="gpus"):
-        plan.estimate(plan.PlanConfig(model="janus-pro-1b", lora_rank=8, gpus=2))
 
 
-def test_readme_gpu_table_is_the_planners():
-    """README's "How much GPU do I need?" table is what `pairuni plan --methods-table --group-size 4
-    --pairs-per-gpu 1` prints today."""
+def test_docs_gpu_table_is_the_planners(capsys):
+    """docs/MEMORY.md's "How much GPU do I need?" table is what its own command prints today."""
+    import shlex
     from pathlib import Path
 
-    table = plan.methods_table(plan.PlanConfig(group_size=4, pairs_per_gpu=1))
+    from engine import cli
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "MEMORY.md").read_text()
+    command = next(line for line in doc.splitlines() if line.startswith("pairuni plan --methods-table"))
+    assert set(PAPER) <= set(shlex.split(command))
+    assert cli.main(shlex.split(command)[1:]) == 0
+    table = capsys.readouterr().out.strip()
     assert len(table.splitlines()) == 2 + 2 * len(plan.METHODS)
-    assert table in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert table in doc
 
 
 @pytest.mark.parametrize("dtype,kwargs", [
@@ -157,13 +188,14 @@ def test_adamw_state_is_what_torch_keeps(dtype, kwargs):
     opt.step()
     trained = sum(p.numel() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for s in opt.inner.state.values() for k, t in s.items() if k != "step")
-    cfg = plan.PlanConfig(model="janus-pro-1b", optimizer="adamw", param_dtype=dtype, **kwargs)
+    keys = [f"optim.{k}={str(v).lower()}" for k, v in kwargs.items()]
+    cfg = plan_for("janus-pro-1b", "optim.optimizer=adamw", f"model.dtype={dtype}", *keys)
     assert plan.optimizer_state_bytes(cfg) == state / trained
 
 
 def test_adamw_7b_plan_counts_bf16_state(counts_7b):
     trainable = sum(counts_7b.values()) - counts_7b["vision_model"] - counts_7b["vqmodel"]
-    bf16 = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw"))
-    masters = plan.estimate(plan.PlanConfig(model="janus-pro-7b", optimizer="adamw", master_weights=True))
+    bf16 = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw"))
+    masters = plan.estimate(plan_for("janus-pro-7b", "optim.optimizer=adamw", "optim.master_weights=true"))
     assert bf16["optimizer"] == pytest.approx(4 * trainable)
     assert masters["optimizer"] == pytest.approx(8 * trainable)

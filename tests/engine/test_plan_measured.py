@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+import dataclasses
+
 import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -76,10 +78,11 @@ def measure(world, run_dir, monkeypatch, *, checkpointing: bool, optimizer: str,
                 kv_heads=t.num_key_value_heads, heads=t.num_attention_heads, vocab=t.vocab_size,
                 codebook=config.vq_config.num_embeddings, image_tokens=janus.image_token_count(trainer.model))
     prompt_width = batch.und.prompt_ids.shape[1]  # question + image placeholders, padded
-    cfg = plan.PlanConfig(gpus=1, group_size=4, pairs_per_gpu=ROWS // 4, prompt_tokens=prompt_width - text["image_tokens"],
-                          answer_tokens=batch.und.response_ids.shape[1], micro_batch=MICRO_BATCH,
-                          gradient_checkpointing=checkpointing, optimizer=optimizer, param_dtype=dtype, update=update,
-                          lora_rank=lora_rank)
+    # the run's own config, as `pairuni plan --config` reads it; the answer width is the batch's padded one
+    cfg = dataclasses.replace(plan.plan_of_run(trainer.cfg, model="janus-pro-1b",
+                                               prompt_tokens=prompt_width - text["image_tokens"]),
+                              answer_tokens=batch.und.response_ids.shape[1])
+    assert (cfg.group_size, cfg.pairs_per_gpu, cfg.micro_batch) == (4, ROWS // 4, MICRO_BATCH)
     # the plain model's counts and linear layers (the planner adds the adapters itself)
     return measured, plan.estimate(cfg, counts=parameter_counts(base), text=text, linears=linear_shapes(base))
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from engine.config import Config, trajectory_changes
+from engine.config import Config
 from engine.preflight import (
     PreflightError,
     check_device,
@@ -17,6 +17,7 @@ from engine.preflight import (
     history_of,
     set_aside,
 )
+from engine.run_start import trajectory_changes
 
 
 def test_run_dir_must_be_a_writable_folder(tmp_path):

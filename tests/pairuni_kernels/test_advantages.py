@@ -32,6 +32,8 @@ def test_reference_pair_weights_formula():
     s = torch.tensor([0.36, 0.36, -0.2, 1.7, 0.81])
     aligned = torch.tensor([True, False, False, False, False])
     torch.testing.assert_close(reference.pair_weights(s, aligned), torch.tensor([1.0, 0.6, 0.0, 1.0, 0.9]))
+    linear = reference.pair_weights(s, aligned, weighting="linear")
+    torch.testing.assert_close(linear, torch.tensor([1.0, 0.36, 0.0, 1.0, 0.81]))
 
 
 # ----------------------------------------------------------------------------- Triton vs reference
@@ -72,10 +74,12 @@ def test_triton_low_precision_rewards(triton_backend, gen, dtype, device):
     assert _rel_err(out, expect) < 1e-5
 
 
-def test_triton_pair_weights(triton_backend, gen, device):
+@pytest.mark.parametrize("weighting", reference.PAIR_WEIGHTINGS)
+def test_triton_pair_weights(triton_backend, gen, device, weighting):
     s = (torch.rand(1000, generator=gen) * 1.6 - 0.3).to(device)
     aligned = (torch.rand(1000, generator=gen) > 0.5).to(device)
-    torch.testing.assert_close(pair_weights(s, aligned), reference.pair_weights(s.double(), aligned).float())
+    torch.testing.assert_close(pair_weights(s, aligned, weighting=weighting),
+                               reference.pair_weights(s.double(), aligned, weighting).float())
 
 
 def test_segment_groups_bounds(gen):
@@ -124,6 +128,8 @@ def test_bad_pair_weight_inputs():
         pair_weights(torch.rand(3), torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="similarity"):
         pair_weights(torch.tensor([0.5, float("nan")]), torch.tensor([False, False]))
+    with pytest.raises(ValueError, match="weighting"):
+        pair_weights(torch.rand(3), torch.ones(3, dtype=torch.bool), weighting="cubic")
     # a NaN similarity is fine on an aligned pair (its similarity is not used)
     assert pair_weights(torch.tensor([float("nan")]), torch.tensor([True])).item() == 1.0
 

@@ -1,4 +1,4 @@
-"""benchmarks/ablation_toyworld.py: its re-pairing, and its --quick mode end to end (so the study keeps working)."""
+"""studies/toyworld/ablation_toyworld.py: its re-pairing, and its --quick mode end to end (so the study keeps working)."""
 
 import importlib.util
 import json
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+STUDY = Path(__file__).resolve().parents[2] / "studies" / "toyworld"
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_toyworld", ROOT / "benchmarks" / "ablation_toyworld.py")
+    spec = importlib.util.spec_from_file_location("ablation_toyworld", STUDY / "ablation_toyworld.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

@@ -1,4 +1,4 @@
-"""benchmarks/toyworld_warmstart.py: block tokens, the teacher-forced losses, and a warm start that teaches."""
+"""studies/toyworld/toyworld_warmstart.py: block tokens, the teacher-forced losses, and a warm start that teaches."""
 
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "studies" / "toyworld"))
 
 import toyworld_warmstart as ws  # noqa: E402
 

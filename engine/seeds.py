@@ -1,0 +1,37 @@
+"""Every random stream of a run, each a named function of `train.seed`, in one table (so no two streams
+draw alike by accident, and a new one is added here, next to the others).
+
+| stream | seed of its generator | used by |
+|---|---|---|
+| rollouts of a task | `(seed * 1_000_003 + step) * 17 + ROLLOUT_STREAMS[task]` | trainer (understanding, generation), evaluate |
+| data order | `seed * 7_919 + epoch` | data.sampler.PairSampler (one shuffle per epoch) |
+| stochastic rounding | `seed + 0x5EED` | optim (optim.update=stochastic_rounding) |
+| held-out split | `seed + 104_729` | run_start.data_splits (data.eval_fraction) |
+"""
+
+from __future__ import annotations
+
+#: Rollout streams: training answers, training images, evaluation images.
+ROLLOUT_STREAMS = {"understanding": 0, "generation": 1, "evaluation": 2}
+ROUNDING_SEED_OFFSET = 0x5EED
+EVAL_SPLIT_SEED = 104_729
+
+
+def rollout_stream(seed: int, step: int, stream: str) -> int:
+    """Seed of the generator that draws the per-row rollout seeds of `stream` at `step`."""
+    return (seed * 1_000_003 + step) * 17 + ROLLOUT_STREAMS[stream]
+
+
+def data_order(seed: int, epoch: int) -> int:
+    """Seed of the shuffle of the pairs in `epoch`."""
+    return seed * 7_919 + epoch
+
+
+def rounding(seed: int) -> int:
+    """Seed of the stochastic-rounding generator (its state is checkpointed)."""
+    return seed + ROUNDING_SEED_OFFSET
+
+
+def eval_split(seed: int) -> int:
+    """Seed of the draw of data.eval_fraction's held-out pairs."""
+    return seed + EVAL_SPLIT_SEED
