@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import distributed
-from .checkpoint_store import CheckpointError, CheckpointStore, ResumePoint, fsync_dir, step_name
+from .checkpoint_store import CheckpointError, CheckpointStore, ResumePoint, step_name
+from .files import fsync_dir
 
 STATE = "state.json"
 #: Marker file of a sharded checkpoint (torch.distributed.checkpoint metadata).

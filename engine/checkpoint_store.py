@@ -25,7 +25,6 @@ Rules, each tested by killing or damaging a run (tests/engine/test_faults.py):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data.io import current_umask
+from .files import current_umask, fsync_dir, remove, swap_in
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -75,17 +74,6 @@ def step_of(path: Path) -> int | None:
     """The step a `step_NNNNNN` folder holds, None for any other name."""
     match = _STEP_NAME.match(path.name)
     return int(match.group(1)) if match else None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    with contextlib.suppress(OSError):
-        os.fsync(fd)
-    os.close(fd)
 
 
 def _crc32(path: Path) -> str:
@@ -255,19 +243,16 @@ class CheckpointStore:
         write_manifest(tmp, step)
         kill_point("save:sealed")
         final = self.root / step_name(step)
-        old = None
-        if final.exists():  # swap, then delete: a complete copy of this step exists at every instant
-            old = self.root / f"{OLD_PREFIX}{step_name(step)}.{self.host}.{os.getpid()}"
-            os.rename(final, old)
-            kill_point("save:swapped")
-        os.rename(tmp, final)
+        # swap, then delete: a complete copy of this step exists at every instant; the old copy's name
+        # carries host and pid, so `remove_dead_temps` can move it back if this process dies in between
+        old = swap_in(tmp, final, self.root / f"{OLD_PREFIX}{step_name(step)}.{self.host}.{os.getpid()}",
+                      swapped=lambda: kill_point("save:swapped"))
         pointer = self.root / f".{LATEST}.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, self.root / LATEST)
         fsync_dir(self.root)
         kill_point("save:published")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        remove(old)
         self.prune(keep)
         return final
 

@@ -159,7 +159,7 @@ class EvalReport:
 
     def save(self, folder: str | Path, name: str = "eval") -> dict[str, Path]:
         """`folder/name.json` and, with a grid, `folder/name.png`, each written atomically."""
-        from .data.io import atomic_writer, write_json
+        from .files import atomic_writer, write_json
 
         folder = Path(folder)
         paths = {"json": folder / f"{name}.json"}

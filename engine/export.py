@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import lora
 from .cli import user_error
-from .data.io import current_umask, staged_folder, write_json
+from .files import current_umask, staged_folder, write_json
 from .model import DTYPES
 from .policy_io import (
     EXPORT_INFO_FILE,

@@ -147,7 +147,7 @@ def write_adapter(model, folder, *, base_model: str | None = None) -> None:
 def save_adapter(model, out_dir, *, base_model: str | None = None) -> None:
     """Write the adapters alone as a peft adapter directory (`write_adapter`), loadable with
     `peft.PeftModel.from_pretrained(base, out_dir)`; atomic: a folder beside `out_dir` renamed into place."""
-    from .data.io import staged_folder
+    from .files import staged_folder
 
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapter: the model carries no LoRA adapter (model.lora.rank is 0)")

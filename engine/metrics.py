@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from .data.io import atomic_writer
+from .files import atomic_writer
 
 log = logging.getLogger("pairuni.metrics")
 

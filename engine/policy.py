@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pairuni_kernels.reference import cfg_mix
+
 from . import model as janus
 from .config import Config, ImageLogprob, require
 
@@ -116,4 +118,4 @@ def generation_head_input(model, ro, rows=slice(None)) -> torch.Tensor:
     if ro.image_logprob == "cond":
         return hc
     hu = branch(ro.uncond_ids[rows])
-    return hu + ro.cfg_scale * (hc - hu)
+    return cfg_mix(hc, hu, ro.cfg_scale)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
+from pairuni_kernels.reference import cfg_mix
+
 from . import model as janus
 from .policy import IMAGE_LOGPROBS
 from .seeds import rollout_stream
@@ -255,7 +257,7 @@ def rollout_generation(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         if image_logprob == "cond":
             lpr = cond_lpr
         elif greedy_cfg:  # a greedy draw's own log-prob is 0: score the guided softmax at temperature 1
-            guided = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
+            guided = cfg_mix(logits[:b], logits[b:], cfg_scale)
             lpr = torch.log_softmax(guided, -1).gather(-1, tok[:, None])[:, 0]
         tokens[:, k], logps[:, k] = tok, lpr
         if k == k_img - 1:

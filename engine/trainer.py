@@ -38,7 +38,7 @@ from . import distributed
 from .build import Components, build_components
 from .checkpoint_store import step_name
 from .config import Config
-from .data.io import write_json
+from .files import write_json
 from .metrics import MetricsLog, summarize
 from .policy import TASKS, task_mask, task_view
 from .preflight import history_of, set_aside
@@ -46,19 +46,6 @@ from .rewards import RewardInput
 from .rollout import concat_rollouts, generation_rollouts, rollout_seeds, rollout_understanding, row_chunks
 
 log = logging.getLogger("pairuni.trainer")
-
-
-def chunk_share(mode: str, chunk_mask: torch.Tensor, full_mask: torch.Tensor,
-                full_den: torch.Tensor | None = None) -> torch.Tensor:
-    """Factor (0-d float32 tensor, no host sync) that turns a micro-batch's aggregated loss into its
-    share of the full batch's loss.
-
-    full_den: the full batch's `loss_denominator` when it is not `full_mask`'s own (data-parallel
-    ranks pass the all-reduced global one).
-    """
-    if full_den is None:
-        full_den = loss_denominator(full_mask, mode)
-    return loss_share(chunk_mask, mode, full_den)
 
 
 class NonFiniteError(RuntimeError):
@@ -202,9 +189,11 @@ class PairGRPOTrainer:
 
     def micro_batch_share(self, task: str, batch: StepBatch, rows: slice,
                           full_den: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight of micro-batch `rows`' aggregated loss in the full batch's loss of `task`."""
-        full = task_mask(task, batch.rollout(task))
-        return chunk_share(self.cfg.algo.loss_agg_mode, full[rows], full, full_den)
+        """The weight of micro-batch `rows`' aggregated loss in the full batch's loss of `task`: its
+        `loss_share` (0-d float32 tensor, no host sync). full_den: the full batch's `loss_denominator` when
+        it is not this batch's own (data-parallel ranks pass the all-reduced global one)."""
+        full, mode = task_mask(task, batch.rollout(task)), self.cfg.algo.loss_agg_mode
+        return loss_share(full[rows], mode, loss_denominator(full, mode) if full_den is None else full_den)
 
     def task_loss(self, task: str, batch: StepBatch, rows: slice, ref_logp: torch.Tensor | None = None):
         """PolicyLossOutput of `task` on micro-batch `rows` (KL term only with `ref_logp`). Under torchrun it

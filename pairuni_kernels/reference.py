@@ -438,12 +438,20 @@ def split_cfg_logits(logits: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
     return logits[:batch], logits[batch:]
 
 
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance, `uncond + guidance_scale * (cond - uncond)`, in the inputs' dtype, rounding
+    once per operation in that order. The one home of the formula: the sampler's guided logits, the engine's
+    scoring of a guided draw, and its guided head inputs (the head is linear, so mixing its inputs mixes its
+    logits) all call it."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def cfg_guided_logits(logits, guidance_scale: float, temperature: float = 1.0, layout: str = "blocked"):
     """z = (u + guidance_scale * (c - u)) / temperature in fp32 (float64 for float64 input),
     rounding once per operation in that order; temperature 0 returns the untempered guided logits."""
     dt = compute_dtype(logits.dtype)
     cond, uncond = (x.to(dt) for x in split_cfg_logits(logits, layout))
-    guided = uncond + guidance_scale * (cond - uncond)
+    guided = cfg_mix(cond, uncond, guidance_scale)
     return guided / temperature if temperature > 0 else guided
 
 

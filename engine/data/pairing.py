@@ -33,15 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_writer, write_json
 from .embed import encode_stream, load_embedder, load_rgb
 from .io import (
-    atomic_writer,
     data_root_of,
     dumps_line,
     iter_lines,
     relocate_image_path,
     resolve_image_path,
-    write_json,
 )
 from .schema import Pair, Sample, parse_multiple_choice
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import staged_folder, write_json, write_pairs, write_samples
+from ..files import staged_folder, write_json
+from .io import write_pairs, write_samples
 from .schema import Pair, Sample, format_multiple_choice
 
 # Attribute vocabulary: the single source of truth for the renderer, the captions and the rewards.

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_writer
 from .io import (
-    atomic_writer,
     data_root_of,
     dumps_line,
     iter_lines,

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..files import staged_folder
 from ..model import tiny_janus_config
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -167,9 +166,7 @@ def write_janus_pro_format(out_dir: str | os.PathLike, *, seed: int = 0, bpe_voc
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"out_dir: {out} exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as stage:
         tok, n = _tokenizer(bpe_vocab_size)
         ids = {name: n + off for name, off in SPECIAL_OFFSETS.items()}
         vocab_size = -(-tok.get_vocab_size() // 64) * 64
@@ -213,8 +210,4 @@ def write_janus_pro_format(out_dir: str | os.PathLike, *, seed: int = 0, bpe_voc
             "num_image_tokens": config.vision_config.num_image_tokens, "processor_class": "JanusProcessor",
             "use_default_system_prompt": True})
         _write_json(stage / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out

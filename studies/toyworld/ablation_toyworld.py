@@ -69,9 +69,10 @@ for _path in (str(ROOT), str(HERE)):
 
 from engine.build import toy_tokenizer_texts  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.data.io import atomic_writer, read_pairs, write_json, write_pairs  # noqa: E402
+from engine.data.io import read_pairs, write_pairs  # noqa: E402
 from engine.data.schema import Pair  # noqa: E402
 from engine.data.toyworld import COLORS, POSITIONS, Scene, generate_toy_world, scene_similarity  # noqa: E402
+from engine.files import atomic_writer, write_json  # noqa: E402
 from engine.model import TINY_SPECIAL  # noqa: E402
 from engine.probe import derangement, probe_gradients  # noqa: E402
 from engine.trainer import PairGRPOTrainer  # noqa: E402

@@ -8,7 +8,6 @@ from engine import plan
 from engine.config import ConfigError, load_config
 from engine.janus_shapes import janus_pro_config, parameter_counts
 
-
 #: The settings of the methods table (`pairuni plan --methods-table` with these overrides): G=4, one pair per
 #: step, 256-token answers, micro-batches of one, gradient checkpointing, bf16 weights.
 PAPER = ("rollout.group_size=4", "data.pairs_per_step=1", "rollout.max_new_tokens=256", "optim.micro_batch_size=1",

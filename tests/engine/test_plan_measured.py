@@ -9,9 +9,8 @@ must be within 20% of the measurement, in configurations where activations are a
 
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 
 import pytest
 import torch

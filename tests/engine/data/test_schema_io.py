@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from engine.data.io import (
-    atomic_writer,
     iter_pairs,
     iter_samples,
     read_pairs,
@@ -23,6 +22,7 @@ from engine.data.schema import (
     format_multiple_choice,
     parse_multiple_choice,
 )
+from engine.files import atomic_writer
 
 
 def _ann(image, prompt="a red circle", question="What color?\nA. red\nB. blue\n" + MC_SUFFIX, answer="A", tag="t", **extra):
@@ -99,7 +99,7 @@ def test_atomic_writer_survives_kill_9_mid_write(tmp_path):
     path.write_text("old complete table\n")
     child = (
         "import os, signal, sys\n"
-        "from engine.data.io import atomic_writer\n"
+        "from engine.files import atomic_writer\n"
         "with atomic_writer(sys.argv[1]) as fh:\n"
         "    fh.write('new half-written tab'); fh.flush(); os.fsync(fh.fileno())\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -154,7 +154,7 @@ def test_atomic_writer_honours_the_umask(tmp_path):
     import os
     import stat
 
-    from engine.data.io import atomic_writer
+    from engine.files import atomic_writer
 
     old = os.umask(0o002)
     try:
