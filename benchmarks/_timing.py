@@ -5,6 +5,11 @@ the inputs of a timed call are fixed, so for tensors that fit in L2 the number i
 upper bound on bandwidth (the Janus shapes here are far larger than L2).
 CPU: perf_counter around each repetition, median. Absolute CPU numbers are only
 meaningful side by side inside one run.
+
+Rows: `failure_note` turns an exception of one implementation into the row's note, so a suite
+records it and goes on ("baseline failed: ..." for a baseline such as transformers' `generate`,
+which does not fail the suite; "failed: ..." for this project's own code, which does), and
+`flush(rows)` writes rows changed after they were appended (run_all's RowLog; a plain list ignores it).
 """
 
 from __future__ import annotations
@@ -14,6 +19,18 @@ import time
 from collections.abc import Callable
 
 import torch
+
+
+def failure_note(exc: BaseException, *, baseline: bool) -> str:
+    """One line naming the error: what a row records instead of its timings."""
+    text = str(exc).strip().splitlines()
+    return f"{'baseline failed' if baseline else 'failed'}: {type(exc).__name__}: {text[0] if text else ''}"[:400]
+
+
+def flush(rows) -> None:
+    """Writes `rows` out again after rows already appended were changed (a no-op for a plain list)."""
+    if hasattr(rows, "flush"):
+        rows.flush()
 
 
 def sync(device: str) -> None:

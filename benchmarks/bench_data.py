@@ -104,10 +104,14 @@ def bench_embedding(device: str, n: int, batch_size: int = 64) -> list[dict]:
     return rows
 
 
-def collect(device: str, quick: bool) -> list[dict]:
+def collect(device: str, quick: bool, rows: list | None = None) -> list[dict]:
+    """Rows are appended as measured (run_all's RowLog writes each out)."""
+    rows = [] if rows is None else rows
     n_pairs = 2_000 if quick else 100_000
     n_sentences = 256 if quick else 4096
-    return [bench_build_pairs(device, n_pairs), *bench_embedding(device, n_sentences)]
+    rows.append(bench_build_pairs(device, n_pairs))
+    rows.extend(bench_embedding(device, n_sentences))
+    return rows
 
 
 if __name__ == "__main__":

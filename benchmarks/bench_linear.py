@@ -13,7 +13,10 @@ Implementations (forward + backward of the loss w.r.t. hidden and head weight, b
             grad weight; the floor the fused time is compared with
 
 --quick (a check that the suite runs: CI's dry run of the GPU session) takes the two small shapes and
-leaves out `compiled`.
+leaves out `compiled`. `impls=` (run_all --impls) runs only the named implementations (the GPU
+session leaves out `compiled`, whose Inductor compile per case would not fit its time).
+Each row is written as soon as its case's child returns (run_all's RowLog); the ratios of a shape
+are added once its rows are in.
 
 Every case runs in its own subprocess so that one case's allocations cannot hide another's peak.
 Peak extra memory is the peak above what was resident just before the measured step (inputs,
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import time_ms
+from _timing import flush, time_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -193,25 +196,33 @@ def _liger_available() -> str | None:
     return None
 
 
-def collect(device: str, quick: bool, only: list[str] | None = None) -> list[dict]:
-    """`only`: case names (from FULL_SHAPES / QUICK_SHAPES) to run instead of all of them."""
+def collect(device: str, quick: bool, only: list[str] | None = None, rows: list | None = None,
+            impls: list[str] | None = None) -> list[dict]:
+    """`only`: case names (from FULL_SHAPES / QUICK_SHAPES) to run instead of all of them; `impls`:
+    implementations to run instead of all of them (`matmuls` runs on CUDA only)."""
+    rows = [] if rows is None else rows
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
     if only:
         shapes = [s for s in shapes if s[0] in only]
-    impls = list(QUICK_IMPLS if quick else IMPLS) + (["matmuls"] if device == "cuda" else [])
-    liger_missing = _liger_available()
-    rows = []
+    chosen = list(QUICK_IMPLS if quick else IMPLS) + (["matmuls"] if device == "cuda" else [])
+    if impls:
+        chosen = [i for i in chosen if i in impls]
+    liger_missing = _liger_available() if "liger" in chosen else None
     for name, n, t, h, v in shapes:
         case_rows = []
-        for impl in impls:
+        for impl in chosen:
             if impl == "liger" and liger_missing:
                 row = {"impl": impl, "M": n * t, "H": h, "V": v, "note": f"liger-kernel {liger_missing}"}
             else:
                 row = _child(impl, n, t, h, v, device)
+            if impl != "fused" and str(row.get("note", "")).startswith(("failed", "timed out")):
+                row["note"] = "baseline " + row["note"]  # recorded; only the fused loss's failure fails the suite
             row = dict(case=name, **row)
             print(json.dumps(row), flush=True)
             case_rows.append(row)
-        rows += add_ratios(case_rows)
+            rows.append(row)
+        add_ratios(case_rows)
+        flush(rows)
     return rows
 
 

@@ -12,13 +12,22 @@ tokens, B=4); CUDA, Janus-Pro-1B and -7B language-model shapes in bf16 (random w
 tokens, B=16). The engine runs eager and with `compile=True` (torch.compile of its decode step;
 CUDA graphs on CUDA). `quick`: on CUDA the 1B case with 64 image tokens and no torch.compile (the
 GPU session's short case), on CPU the engine's tiny Janus (the session's dry run).
+
+transformers' `generate` is the baseline: if it raises, its row records the error ("baseline
+failed: TypeError: ...") and the engine's rows are still measured. It is handed its static KV cache
+(see `generate_cache_kwargs`): transformers 5.17's Janus image `generate` builds its own through
+`GenerationMixin._prepare_static_cache` without the `prefill_chunk_size` argument that release
+requires, a TypeError on every call; 5.24 passes it. Given a cache, both skip that call.
+Each row is written as soon as it is measured (run_all's RowLog).
 Usage: python benchmarks/run_all.py --only rollout [--quick]
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from _timing import copy_bandwidth_gbps, sync, time_ms
+from _timing import copy_bandwidth_gbps, failure_note, sync, time_ms
 
 CFG_SCALE = 5.0
 TEMPERATURE = 1.0
@@ -64,7 +73,22 @@ def weight_bytes(model) -> int:
     return lm + sum(p.numel() * p.element_size() for m in heads for p in m.parameters())
 
 
-def run_case(name: str, batch: int, tokens: int, device: str, quick: bool) -> list[dict]:
+def generate_cache_kwargs(model, prompt_len: int, image_tokens: int) -> dict:
+    """A fresh static KV cache for one image `generate` call, under the argument name the installed
+    transformers reads (`cache` where the language model takes `cache`, from 5.2x on; `past_key_values`
+    before), sized as `generate` sizes its own (2B rows, prompt + image tokens; rows come from the
+    cache's lazy initialisation). transformers 5.17's Janus image `generate` otherwise calls
+    `self._prepare_static_cache(...)` without the `prefill_chunk_size` argument that its
+    `GenerationMixin._prepare_static_cache` requires: TypeError, whatever the model or arguments."""
+    from transformers import StaticCache
+
+    params = inspect.signature(type(model.model.language_model).forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    length = max(model.generation_config.max_length or 0, image_tokens + prompt_len)
+    return {name: StaticCache(config=model.config.text_config, max_cache_len=length)}
+
+
+def run_case(name: str, batch: int, tokens: int, device: str, quick: bool, rows: list) -> list[dict]:
     from engine.model import image_token_count
     from engine.rollout import rollout_generation
 
@@ -73,9 +97,14 @@ def run_case(name: str, batch: int, tokens: int, device: str, quick: bool) -> li
     ids, mask = prompts(model, batch, device)
     seeds = torch.arange(batch, dtype=torch.int64)
     engine_kw = {"cfg_scale": CFG_SCALE, "temperature": TEMPERATURE, "seeds": seeds, "decode": False}
+
+    def transformers_generate():  # a new cache per call, as generate makes one per call itself
+        return model.generate(ids, attention_mask=mask, generation_mode="image", do_sample=True,
+                              guidance_scale=CFG_SCALE, temperature=TEMPERATURE, top_k=0,
+                              **generate_cache_kwargs(model, ids.shape[1], k_img))
+
     impls = {
-        "transformers": lambda: model.generate(ids, attention_mask=mask, generation_mode="image", do_sample=True,
-                                               guidance_scale=CFG_SCALE, temperature=TEMPERATURE, top_k=0),
+        "transformers": transformers_generate,
         "engine": lambda: rollout_generation(model, ids, mask, **engine_kw),
     }
     if not quick:  # warm-up compiles; the timed rollouts replay
@@ -84,13 +113,20 @@ def run_case(name: str, batch: int, tokens: int, device: str, quick: bool) -> li
     if device == "cuda":
         bound_ms = weight_bytes(model) / (copy_bandwidth_gbps(1 << 30, device) * 1e9) * 1e3
     reps = 1 if quick else 2
-    rows, base = [], None
+    base = None
     for impl, fn in impls.items():
-        t = time_ms(fn, device, warmup=1, reps=reps)["median_ms"]
-        sync(device)
-        base = base or t
-        row = {"case": f"{name} B={batch} K={k_img}", "impl": impl, "rollout_ms": t, "step_ms": t / k_img,
-               "tokens_per_s": batch * k_img / (t * 1e-3), "speedup_vs_transformers": base / t}
+        row = {"case": f"{name} B={batch} K={k_img}", "impl": impl}
+        try:
+            t = time_ms(fn, device, warmup=1, reps=reps)["median_ms"]
+            sync(device)
+        except Exception as exc:  # noqa: BLE001 - recorded; the next implementation still runs
+            rows.append({**row, "note": failure_note(exc, baseline=impl == "transformers")})
+            continue
+        if impl == "transformers":
+            base = t
+        row.update({"rollout_ms": t, "step_ms": t / k_img, "tokens_per_s": batch * k_img / (t * 1e-3)})
+        if base is not None:
+            row["speedup_vs_transformers"] = base / t
         if bound_ms is not None:
             row["bound_step_ms"] = bound_ms
             row["step_over_bound"] = t / k_img / bound_ms
@@ -98,14 +134,14 @@ def run_case(name: str, batch: int, tokens: int, device: str, quick: bool) -> li
     return rows
 
 
-def collect(device: str, quick: bool) -> list[dict]:
+def collect(device: str, quick: bool, rows: list | None = None) -> list[dict]:
+    rows = [] if rows is None else rows
     if device == "cuda":
         cases = [("janus-pro-1b", 16, 64)] if quick else [("janus-pro-1b", 16, 576), ("janus-pro-7b", 16, 576)]
     else:
         cases = [("cpu-tiny", 4, 16)] if quick else [("cpu-h256-l4", 4, 256)]
-    rows = []
     for case in cases:
-        rows += run_case(*case, device, quick)
+        run_case(*case, device, quick, rows)
         if device == "cuda":
             torch.cuda.empty_cache()  # the next case's model gets the memory of this one
     return rows

@@ -9,9 +9,16 @@ Implementations, all drawing one token per conditional row from [2B, V] logits:
                exponential race (argmax probs / Exp(1)) instead of multinomial (gpt-fast style)
   reference    pairuni_kernels.reference.cfg_sample (the same Philox stream as the kernels, in torch)
   pairuni      pairuni_kernels.cfg_sample as users call it (on CPU including its default NaN/inf check
-               of the logits): the C++ kernel on CPU, the CUDA kernel on GPU
+               of the logits): the C++ kernel on CPU, the CUDA kernel on GPU. Its `kernel` column
+               says what ran: where the extension is not built (a failed build), or was built
+               without a kernel for this device, cfg_sample runs the reference, and the row says so
   pairuni_graph  (CUDA) the op replayed from a captured CUDA graph with a device step counter
+               (a row noting "skipped" without the CUDA kernel)
   flashinfer   (CUDA, when importable) sampling_from_logits on logits combined by torch first
+
+The baselines (janus_torch, hf_processors, torch_race, flashinfer) are others' code: one that raises
+is recorded as "baseline failed: ..." and the suite goes on; pairuni's own failures are "failed: ...".
+Each row is written as soon as it is measured (run_all's RowLog).
 
 Bytes of one step: the 2B * V logits read once (the outputs are negligible). On CUDA the
 kernel's effective bandwidth is compared with a device copy of the same bytes
@@ -22,10 +29,14 @@ Run: python benchmarks/run_all.py --only sampling [--quick] [--device cpu|cuda]
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
-from _timing import copy_ms, time_ms
+from _timing import copy_ms, failure_note, time_ms
 
 from pairuni_kernels import reference
+from pairuni_kernels._backend import backend_name
 from pairuni_kernels._ext import has_extension
 from pairuni_kernels.sampling import cfg_sample
 
@@ -104,8 +115,42 @@ def graph_step_fn(logits: torch.Tensor, seeds: torch.Tensor):
     return graph.replay
 
 
-def implementations(blocked: torch.Tensor, batch: int, device: str, processors) -> dict:
-    """name -> zero-argument step function over the same logits (blocked and interleaved copies)."""
+def pairuni_kernel(device: str) -> tuple[str, bool]:
+    """What `cfg_sample` runs for tensors on `device`: (what to record, whether it is the compiled op)."""
+    if backend_name() == "reference":
+        return "reference (PAIRUNI_BACKEND=reference)", False
+    if not has_extension():
+        return "reference (pairuni_kernels._C is not built: no extension to import)", False
+    key = "CUDA" if device == "cuda" else "CPU"
+    try:
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key("pairuni::cfg_sample", key)
+    except (AttributeError, RuntimeError):  # no such query in this torch: trust the build
+        registered = True
+    if not registered:
+        return f"reference (this build of pairuni_kernels._C has no {key} kernel for pairuni::cfg_sample)", False
+    return f"{key} kernel", True
+
+
+@contextlib.contextmanager
+def forced_reference():
+    """cfg_sample through its reference path (where the op has no kernel for the device, the op would raise)."""
+    old = os.environ.get("PAIRUNI_BACKEND")
+    os.environ["PAIRUNI_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PAIRUNI_BACKEND", None)
+        else:
+            os.environ["PAIRUNI_BACKEND"] = old
+
+
+BASELINES = ("janus_torch", "hf_processors", "torch_race", "flashinfer")
+
+
+def implementations(blocked: torch.Tensor, batch: int, device: str, processors, kernel: tuple[str, bool]) -> dict:
+    """name -> zero-argument step function over the same logits (blocked and interleaved copies),
+    or a string: why that implementation did not run here."""
     interleaved = torch.stack([blocked[:batch], blocked[batch:]], 1).reshape(2 * batch, -1).contiguous()
     seeds = torch.arange(batch, dtype=torch.int64, device=device)
     input_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
@@ -115,23 +160,34 @@ def implementations(blocked: torch.Tensor, batch: int, device: str, processors) 
     impls["torch_race"] = lambda: torch_race_step(blocked, batch)
     impls["reference"] = lambda: reference.cfg_sample(blocked, guidance_scale=GUIDANCE, temperature=TEMPERATURE,
                                                       seeds=seeds, step=1)
-    if has_extension():
-        impls["pairuni"] = lambda: cfg_sample(blocked, guidance_scale=GUIDANCE, temperature=TEMPERATURE,
-                                              seeds=seeds, step=1)
-        if device == "cuda":
-            impls["pairuni_graph"] = graph_step_fn(blocked, seeds)
+
+    def pairuni():
+        return cfg_sample(blocked, guidance_scale=GUIDANCE, temperature=TEMPERATURE, seeds=seeds, step=1)
+
+    if kernel[1]:
+        impls["pairuni"] = pairuni
+    else:
+        def pairuni_reference():
+            with forced_reference():
+                return pairuni()
+
+        impls["pairuni"] = pairuni_reference
     if device == "cuda":
+        impls["pairuni_graph"] = (lambda: graph_step_fn(blocked, seeds)) if kernel[1] else \
+            f"skipped: needs the CUDA kernel; cfg_sample runs the {kernel[0]}"
         fi = flashinfer_step_fn(blocked, batch)
         if fi is not None:
             impls["flashinfer"] = fi
     return impls
 
 
-def collect(device: str, quick: bool) -> list[dict]:
-    rows = []
+def collect(device: str, quick: bool, rows: list | None = None) -> list[dict]:
+    rows = [] if rows is None else rows
     processors = hf_processor_list()
     threads = torch.get_num_threads()
     warmup, reps = (1, 3) if quick else (3, 30)
+    kernel = pairuni_kernel(device)
+    print(f"cfg_sample on {device}: {kernel[0]}", flush=True)
     for dtype_name, dtype in DTYPES.items():
         for batch in (QUICK_BATCHES if quick else BATCHES):
             g = torch.Generator(device="cpu").manual_seed(batch)
@@ -139,12 +195,26 @@ def collect(device: str, quick: bool) -> list[dict]:
             nbytes = blocked.numel() * blocked.element_size()
             copy = copy_ms(nbytes, device) if device == "cuda" else None
             base = None
-            for name, fn in implementations(blocked, batch, device, processors).items():
-                t = time_ms(fn, device, warmup=warmup, reps=reps)
-                base = base or t["median_ms"]
-                row = {"case": f"B={batch} V={VOCAB} {dtype_name}", "impl": name, "ms": t["median_ms"],
-                       "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"], "speedup_vs_janus": base / t["median_ms"],
-                       "eff_gbps": nbytes / (t["median_ms"] * 1e-3) / 1e9}
+            for name, fn in implementations(blocked, batch, device, processors, kernel).items():
+                row = {"case": f"B={batch} V={VOCAB} {dtype_name}", "impl": name}
+                if name in ("pairuni", "pairuni_graph"):
+                    row["kernel"] = kernel[0]
+                if isinstance(fn, str):
+                    rows.append({**row, "note": fn})
+                    continue
+                try:
+                    if name == "pairuni_graph":
+                        fn = fn()  # captures the graph: its failure is this row's
+                    t = time_ms(fn, device, warmup=warmup, reps=reps)
+                except Exception as exc:  # noqa: BLE001 - recorded in the row; the next implementation runs
+                    rows.append({**row, "note": failure_note(exc, baseline=name in BASELINES)})
+                    continue
+                if name == "janus_torch":
+                    base = t["median_ms"]
+                row.update({"ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"]})
+                if base is not None:
+                    row["speedup_vs_janus"] = base / t["median_ms"]
+                row["eff_gbps"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
                 if copy is not None:
                     row["copy_ratio"] = t["median_ms"] / copy
                 if device == "cpu":

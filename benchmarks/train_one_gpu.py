@@ -23,7 +23,9 @@ runs to `--answer-tokens` (the worst case).
 Writes benchmarks/results/train_one_gpu_<device>.{json,md} (and copies to $OUT when set):
 per step the rollout / update / total seconds and `torch.cuda.max_memory_allocated`, plus the
 `pairuni plan` estimate for the same run. A step that runs out of memory is recorded with the
-allocator summary, not hidden.
+allocator summary, not hidden. The JSON and markdown are rewritten (atomically) after the model is
+built and after every step, with `"complete": false` until the end, so a run that is killed keeps
+the steps it measured.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from _isolate import atomic_write  # noqa: E402  (benchmarks/ is on the path only from here on)
 
 # (model, group size): 7B with the paper's G=4, 1B with G=8
 RUNS = {"janus-pro-7b": 4, "janus-pro-1b": 8}
@@ -117,13 +121,16 @@ class DeviceMemoryPeak:
         return False
 
 
-def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
+def run_one(name: str, group_size: int, args, device: torch.device, progress=None) -> dict:
+    """One model's run; `progress(result)` is called with the result so far once the model is built and
+    after every step."""
     from engine import plan
     from engine.build import assemble
-    from engine.config import load_config, validated_pairs
+    from engine.config import load_config
     from engine.data import default_pairs_path, read_pairs
     from engine.janus_shapes import parameter_counts
     from engine.model import image_token_count
+    from engine.run_start import validated_pairs
     from engine.text import ToyPrompts, ToyTokenizer
     from engine.trainer import PairGRPOTrainer
 
@@ -165,6 +172,8 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
               "parameters": sum(counts.values()), "build_s": build_s, "steps": []}
     if device.type == "cuda":
         result["mem_after_build_gib"] = torch.cuda.memory_allocated(device) / 2**30
+    if progress:
+        progress(result)
     for _ in range(args.steps):
         try:
             with DeviceMemoryPeak(device) as device_peak:
@@ -181,16 +190,21 @@ def run_one(name: str, group_size: int, args, device: torch.device) -> dict:
             step["device_used_peak_gib"] = device_peak.peak_gib
         result["steps"].append(step)
         print(f"{name} step {len(result['steps'])}: " + ", ".join(f"{k} {v:.2f}" for k, v in step.items()), flush=True)
-    # the planner's estimate for this very run (prompt width: the longest understanding prompt seen)
+        if progress:
+            progress(result)
+    # the planner's estimate for this very run (prompt width: the longest understanding prompt seen); a
+    # failure of the planner is recorded, never allowed to lose the steps measured above
     question = max(len(tok.encode(p.understand.question)) for p in pairs) + 1
-    est = plan.estimate(plan.PlanConfig(model=name, gpus=1, group_size=group_size, pairs_per_gpu=1,
-                                        prompt_tokens=question, answer_tokens=args.answer_tokens,
-                                        micro_batch=args.micro_batch, optimizer="adamw8bit",
-                                        master_weights=args.master_weights, update=args.update,
-                                        lora_rank=args.lora_rank, lora_quantize=args.lora_quantize))
-    if not shapes:
-        result["plan_gib"] = {k: est[k] / 2**30 for k in ("weights", "grads", "optimizer", "activations", "loss",
-                                                          "kv_cache", "rollout_peak", "update_peak", "peak")}
+    try:
+        est = plan.estimate(plan.plan_of_run(cfg, gpus=1, model=name, prompt_tokens=question))
+    except Exception as exc:  # noqa: BLE001 - recorded in the result
+        result["plan_error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        print(f"plan estimate failed: {result['plan_error']}", flush=True)
+    else:
+        if not shapes:
+            result["plan_gib"] = {k: est[k] / 2**30 for k in ("weights", "grads", "optimizer", "activations", "loss",
+                                                              "kv_cache", "rollout_peak", "update_peak", "peak")
+                                  if k in est}
     later = result["steps"][1:] or result["steps"]  # step 1 includes allocator and optimizer-state warm-up
     if later:
         result["mean_after_first"] = {k: sum(s[k] for s in later) / len(later) for k in later[0]}
@@ -268,18 +282,24 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda"
            else None}
-    results = []
-    for name, g in RUNS.items():
-        if args.only and name != args.only:
-            continue
-        results.append(run_one(name, g, args, device))
     tag = ("smoke" if args.smoke else device.type) + ("_master" if args.master_weights else "")
     tag += f"_{args.update}" if args.update != "round" else ""
     tag += f"_lora{args.lora_rank}" + ("_nf4" if args.lora_quantize == "nf4" else "") if args.lora_rank else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_one_gpu_{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-    (out / f"train_one_gpu_{tag}.md").write_text(markdown(results, env))
+    results = []
+
+    def write(current: dict | None = None, complete: bool = False) -> None:
+        shown = results + ([current] if current is not None else [])
+        atomic_write(out / f"train_one_gpu_{tag}.json",
+                     json.dumps({"env": env, "complete": complete, "results": shown}, indent=1, default=str))
+        atomic_write(out / f"train_one_gpu_{tag}.md", markdown(shown, env))
+
+    for name, g in RUNS.items():
+        if args.only and name != args.only:
+            continue
+        results.append(run_one(name, g, args, device, progress=write))
+    write(complete=True)
     print(markdown(results, env))
     if os.environ.get("OUT"):
         for ext in ("json", "md"):
