@@ -29,7 +29,8 @@ Stages, in this order (seconds: the cap on the GPU machine, see CAPS for the rea
                for the machine's own arch only (TORCH_CUDA_ARCH_LIST from its compute capability);
                then, in a fresh process, whether the CPU and CUDA kernels of pairuni::cfg_sample registered
   compile      every Triton kernel variant for this GPU, ahead, on all cores (`kernel_resources.py
-               --warm-cache --workers N`) into the one TRITON_CACHE_DIR every stage uses
+               --warm-cache --workers N --verify-jit`) into the one TRITON_CACHE_DIR every stage uses;
+               --verify-jit then runs each kernel's JIT launch path (`warmup`) and fails on a cache miss
   optimizer    bitsandbytes from the carried wheel (pip --no-index --target); without it the 7B step
                uses torch AdamW and the summary says so
   gpu_tests    the kernel test suite on GPU tensors, in parallel pytest processes (one block of the
@@ -282,6 +283,8 @@ def compile_kernels(work: Path, dry: bool, arch: str | None, script: Path) -> in
     target = arch.replace(".", "") if arch else ("90" if dry else None)  # CPU: compile for sm_90, the H100's
     if target and "--arch" in helped.stdout:
         cmd += ["--arch", target]
+    if "--verify-jit" in helped.stdout:  # then each kernel's JIT launch path must find its binary cached
+        cmd += ["--verify-jit"]
     cache = os.environ.get("TRITON_CACHE_DIR")
     before = cache_files(cache)
     print("compile:", " ".join(cmd), flush=True)

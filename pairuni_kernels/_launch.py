@@ -69,16 +69,21 @@ class KernelLaunch:
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, kernel, grid, runtime_args: tuple, constexprs: dict, num_warps: int | None = None):
+    def build(cls, kernel, grid, runtime_args: tuple, constexprs: dict, num_warps: int | None = None,
+              options: dict | None = None):
+        """`options`: other compile options passed with the launch, e.g. {"maxnreg": 128}."""
         names = [n for n in kernel.arg_names if n not in constexprs]
         if len(names) != len(runtime_args):
             raise TypeError(f"{kernel.__name__}: {len(names)} runtime parameters, {len(runtime_args)} values given")
-        return cls(kernel, grid, dict(zip(names, runtime_args)), dict(constexprs), num_warps)
+        return cls(kernel, grid, dict(zip(names, runtime_args)), dict(constexprs), num_warps, dict(options or {}))
+
+    def launch_options(self) -> dict:
+        """The compile options passed with the launch (num_warps and `options`); the rest are Triton's defaults."""
+        return {**self.options, **({} if self.num_warps is None else {"num_warps": self.num_warps})}
 
     def __call__(self) -> None:
         check_gpu_tensors(self.args)
-        extra = {} if self.num_warps is None else {"num_warps": self.num_warps}
-        self.kernel[self.grid](**self.args, **self.constexprs, **extra)
+        self.kernel[self.grid](**self.args, **self.constexprs, **self.launch_options())
 
     def signature(self) -> dict:
         """Parameter name -> Triton type (`*bf16`, `i32`, `constexpr`), in the kernel's order."""
@@ -94,12 +99,13 @@ class KernelLaunch:
     def key(self) -> tuple:
         """What makes two launches the same compiled binary (up to Triton's value specialisations)."""
         return (self.kernel.__name__, tuple(self.signature().items()), tuple(sorted(self.constexprs.items())),
-                self.num_warps)
+                self.num_warps, tuple(sorted(self.options.items())))
 
     def label(self) -> str:
         ptrs = ",".join(f"{argument_label(n)}:{t[1:]}" for n, t in self.signature().items() if t.startswith("*"))
         knobs = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
         warps = "" if self.num_warps is None else f" warps={self.num_warps}"
+        warps += "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.kernel.__name__}[{knobs}{warps}]({ptrs})"
 
 

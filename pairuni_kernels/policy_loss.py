@@ -123,7 +123,9 @@ def _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLO
     return tl.sum(acc, axis=0) / tl.maximum(count, 1.0), count
 
 
-@triton.jit
+# kl_est and agg are mode codes: the JIT would otherwise specialise a value of 1 into a constant (and
+# 0 into a multiple of 16), one compiled binary per mode, which their runtime selects avoid
+@triton.jit(do_not_specialize=["kl_est", "agg"])
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr,
     N, T, s_lp, s_old, s_adv, s_adv_t, s_mask, s_ref,
@@ -135,6 +137,9 @@ def _policy_loss_fwd_kernel(
     if SEQ_LEVEL:
         # the count is recomputed below; a name bound here must keep one type through the loop
         seq_lr, _seq_count = _seq_log_ratio(logp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK)
+    # stored before the token loop, not after it: a scalar kept live across the loop only to be stored
+    # at the end is what ptxas spilled first (4-8 B with Triton 3.6 before MAX_REGISTERS)
+    tl.store(stats_ptr + 6 * N + row, seq_lr)
 
     loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     cnt_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -165,10 +170,9 @@ def _policy_loss_fwd_kernel(
     tl.store(stats_ptr + 3 * N + row, tl.sum(clip_acc, axis=0))
     tl.store(stats_ptr + 4 * N + row, tl.sum(kl_acc, axis=0))
     tl.store(stats_ptr + 5 * N + row, tl.sum(ratio_acc, axis=0))
-    tl.store(stats_ptr + 6 * N + row, seq_lr)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["kl_est", "agg"])
 def _policy_loss_bwd_kernel(
     grad_loss_ptr, den_total_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, grad_ptr,
     N, T, s_lp, s_old, s_adv, s_adv_t, s_mask, s_ref, s_grad,
@@ -181,12 +185,10 @@ def _policy_loss_bwd_kernel(
     #   sequence level: log_ratio_u = mean_v(clamped lr_v) for all u, so
     #   d/dlogp_t = [inside_t] / count * sum_u m_u * d pg_u/d log_ratio
     row = tl.program_id(0).to(tl.int64)
-    count = tl.load(stats_ptr + 2 * N + row)
     seq_lr = tl.load(stats_ptr + 6 * N + row)
-    scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(den_total_ptr)
-    scale = tl.where(agg == 1, scale / tl.maximum(count, 1.0), tl.where(agg == 3, scale * inv_T, scale))
-
-    seq_grad = 0.0
+    # the row's count and the scale are read after the sequence-level pass: a scalar kept live across
+    # that loop is what ptxas spilled first (4 B with registers to spare, Triton 3.9, before MAX_REGISTERS)
+    dpg_sum = 0.0
     if SEQ_LEVEL:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, T, BLOCK):
@@ -197,7 +199,11 @@ def _policy_loss_bwd_kernel(
             _tok, _clipped, _kl, _ratio, dpg, _dkl = _token_terms(
                 lp, old, ref_lp, a, seq_lr, eps_low, eps_high, dual_c, beta, kl_est, SEQ_LEVEL, HAS_REF)
             acc += tl.where(m, dpg, 0.0)
-        seq_grad = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+        dpg_sum = tl.sum(acc, axis=0)
+    count = tl.load(stats_ptr + 2 * N + row)
+    seq_grad = dpg_sum / tl.maximum(count, 1.0)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(den_total_ptr)
+    scale = tl.where(agg == 1, scale / tl.maximum(count, 1.0), tl.where(agg == 3, scale * inv_T, scale))
 
     for start in range(0, T, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -269,17 +275,31 @@ def _constexprs(t, ref_logp, seq_level) -> dict:
     return {"SEQ_LEVEL": bool(seq_level), "HAS_REF": ref_logp is not None, "BLOCK": _block_for(t)}
 
 
+#: The register budget ptxas gets for both kernels (Triton's `maxnreg`). Left to pick its own, ptxas
+#: aims lower (for occupancy) and spilled 4 B in 46 (Triton 3.9) and 4 (Triton 3.6) of their 432
+#: compiles (variant x specialisation x sm_80/90/100), some with only 32 registers in use; with it none
+#: spills and no variant uses more than 84 (benchmarks/results/kernel_resources_triton*.md).
+MAX_REGISTERS = 128
+
+
+def _launch_config(constexprs: dict) -> tuple[int, dict]:
+    """(num_warps, other options): 8 warps for the long tile (4 tokens per thread, not 8: fewer live
+    registers per thread), 4 for the short one."""
+    return (8 if constexprs["BLOCK"] >= 1024 else 4), {"maxnreg": MAX_REGISTERS}
+
+
 def _fwd_launch(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, dual_c, beta, kl_est, agg,
                 seq_level) -> tuple[KernelLaunch, torch.Tensor]:
     n, t = logp.shape
     logp, old_logp, advantages, mask, ref_logp = _kernel_tensors(logp, old_logp, advantages, mask, ref_logp)
     ref_arg, strides = _row_args(logp, old_logp, advantages, mask, ref_logp)
     stats = torch.empty(_N_STATS, n, dtype=torch.float32, device=logp.device)
+    constexprs = _constexprs(t, ref_logp, seq_level)
     launch = KernelLaunch.build(
         _policy_loss_fwd_kernel, (n,),
         (logp, old_logp, advantages, mask, ref_arg, stats, n, t, *strides,
          *_knob_args(t, eps_low, eps_high, dual_c, beta, kl_est, agg)),
-        _constexprs(t, ref_logp, seq_level))
+        constexprs, *_launch_config(constexprs))
     return launch, stats
 
 
@@ -289,11 +309,12 @@ def _bwd_launch(grad_loss, den_total, logp, old_logp, advantages, mask, ref_logp
     logp, old_logp, advantages, mask, ref_logp = _kernel_tensors(logp, old_logp, advantages, mask, ref_logp)
     ref_arg, strides = _row_args(logp, old_logp, advantages, mask, ref_logp)
     grad = torch.empty((n, t), dtype=logp.dtype, device=logp.device)
+    constexprs = _constexprs(t, ref_logp, seq_level)
     launch = KernelLaunch.build(
         _policy_loss_bwd_kernel, (n,),
         (grad_loss.float().contiguous(), den_total, logp, old_logp, advantages, mask, ref_arg, stats, grad,
          n, t, *strides, grad.stride(0), *_knob_args(t, eps_low, eps_high, dual_c, beta, kl_est, agg)),
-        _constexprs(t, ref_logp, seq_level))
+        constexprs, *_launch_config(constexprs))
     return launch, grad
 
 
