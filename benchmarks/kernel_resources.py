@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ("pairuni_kernels.advantages", "pairuni_kernels.policy_loss", "pairuni_kernels.linear_logprobs")
+MODULES = ("pairuni_kernels.advantages", "pairuni_kernels.policy_loss", "pairuni_kernels.chunked_head")
 REQUIRED_ARCHS = (80, 90)
 OPTIONAL_ARCHS = (100,)
 #: Largest shared memory one block may use on sm_80 (A100), the smallest of the targets.

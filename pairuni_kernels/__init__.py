@@ -7,7 +7,8 @@ CUDA tensors run Triton kernels, CPU tensors the pure-torch reference
 """
 
 from .advantages import group_advantages, pair_weights
-from .linear_logprobs import fused_linear_policy_loss, linear_logprobs
+from .fused_linear_loss import fused_linear_policy_loss
+from .linear_logprobs import linear_logprobs
 from .policy_loss import clipped_policy_loss
 from .reference import PolicyLossOutput
 from .sampling import cfg_sample

@@ -17,8 +17,11 @@ import pairuni_kernels
 from pairuni_kernels import fused_linear_policy_loss, linear_logprobs
 from pairuni_kernels import reference as ref
 
-# the package exports a function of the same name, so reach the module through importlib
-LL = importlib.import_module("pairuni_kernels.linear_logprobs")
+# the package exports functions of the same names, so reach the modules through importlib: LL holds the
+# chunked-head machinery (kernels, planners, chunk loops), LP and FL the two ops
+LL = importlib.import_module("pairuni_kernels.chunked_head")
+LP = importlib.import_module("pairuni_kernels.linear_logprobs")
+FL = importlib.import_module("pairuni_kernels.fused_linear_loss")
 
 # (M, H, V): M = 1, H = 24, V prime (not a multiple of any block), V > one BLOCK_V tile
 SHAPES = [(1, 24, 37), (37, 24, 301), (70, 40, 4099)]
@@ -398,7 +401,7 @@ def test_fused_one_pass_computes_logits_once(gen, reference_backend):
 
     hd, w = inputs["hidden"].float().flatten(0, 1), inputs["weight"].float()
     with Spy():
-        LL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
+        FL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
                             inputs["advantages"].float(), inputs["mask"], None, 1.0, 0.2, 0.2, None, 0.0, "k3",
                             "token-mean", "token", 2 * t, False, True, True, False)
     logits_mm = [s for f, s in shapes if f is torch.ops.aten.mm.out or f is torch.ops.aten.mm.default
@@ -514,7 +517,7 @@ def test_fused_loss_chunks_hold_tokens_not_sequences(gen, reference_backend, lev
 
     hd, w = inputs["hidden"].float().flatten(0, 1), inputs["weight"].float()
     with Spy():
-        LL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
+        FL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
                             inputs["advantages"].float(), inputs["mask"], None, 1.0, 0.2, 0.2, None, 0.0, "k3",
                             "token-mean", level, 5, False, True, True, False)
     assert shapes == want_rows
@@ -606,10 +609,10 @@ def test_opcheck(gen, reference_backend):
     weight.requires_grad_()
     mask = torch.tensor([True, False, True, True, False, True])
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(LL.linear_logprobs_fwd, (hidden, weight, targets, bias, mask, 0.9, True, 4, 8, False),
+    torch.library.opcheck(LP.linear_logprobs_fwd, (hidden, weight, targets, bias, mask, 0.9, True, 4, 8, False),
                           test_utils=utils)
     old, adv = torch.randn(2, 3, generator=gen) - 3, torch.randn(2, generator=gen)
-    torch.library.opcheck(LL.fused_linear_policy_loss_fwd,
+    torch.library.opcheck(FL.fused_linear_policy_loss_fwd,
                           (hidden, weight, targets, bias, old, adv, mask.view(2, 3), None, 0.9, 0.2, 0.2, None, 0.0,
                            "k3", "token-mean", "token", 3, False, True, True, False), test_utils=utils)
 
