@@ -155,7 +155,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
         python_requires=">=3.10",
         packages=find_packages(include=["pairuni_kernels", "pairuni_kernels.*", "engine", "engine.*"]),
         package_data={"engine": ["data/toyworld_default/*.jsonl", "data/toyworld_default/*.json",
-                                 "data/toyworld_default/images/*.png"]},
+                                 "data/toyworld_default/.pairuni-toy-world", "data/toyworld_default/images/*.png"]},
         include_package_data=True,
         # torch is deliberately not listed: pip must never swap the user's torch build.
         install_requires=["numpy", "triton; platform_system == 'Linux'"],

@@ -353,14 +353,13 @@ def parse_override(text: str) -> dict:
     """`a.b=value` -> {"a": {"b": value}}; the value is parsed as YAML (numbers, bools, null, lists)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. rollout.group_size=4")
+    from .strict_yaml import parse_yaml  # duplicate keys, anchors and aliases refused: one short line
+
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from exc
+    value = parse_yaml(raw, f"override {key[:80]}: cannot parse value", ConfigError) if raw.strip() else ""
     out: dict = {}
     node = out
     parts = key.split(".")
@@ -385,15 +384,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 def layered(cfg: Config, path: str | None, overrides) -> Config:
     """`cfg` <- YAML file <- `key=value` overrides (keys and types checked)."""
-    if path is not None:
+    if path is not None:  # duplicate keys, anchors and aliases refused (engine.strict_yaml): one short line
+        from .strict_yaml import read_yaml
+
         if not os.path.isfile(path):
             raise ConfigError(f"--config: no such file {path!r}")
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"--config {path}: invalid YAML: {exc}") from exc
-        apply(cfg, data)
+        apply(cfg, read_yaml(path, ConfigError) or {})
     for text in overrides:
         apply(cfg, parse_override(text))
     return cfg
@@ -414,6 +410,10 @@ def check_values(cfg: Config) -> None:
     """Each value's own range (choices and types were checked while parsing); no rule between keys."""
     m, d, r, a, o, t = cfg.model, cfg.data, cfg.rollout, cfg.algo, cfg.optim, cfg.train
     require(m.path != "", "model.path", "a local directory or null (the tiny model)", m.path)
+    for key, path in (("data.pairs_path", d.pairs_path), ("data.image_root", d.image_root), ("data.eval_pairs_path",
+                      d.eval_pairs_path), ("reward.clip_path", cfg.reward.clip_path),
+                      ("reward.hpsv2_path", cfg.reward.hpsv2_path)):
+        require(path is None or path.strip() != "", key, "a path or null (an empty path names nothing)", path)
     require(len(set(m.train_modules)) == len(m.train_modules), "model.train_modules", "distinct names", m.train_modules)
     require(d.pairs_per_step >= 1, "data.pairs_per_step", "an integer >= 1", d.pairs_per_step)
     require(d.max_pairs is None or d.max_pairs >= 1, "data.max_pairs", "null or an integer >= 1", d.max_pairs)

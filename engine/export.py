@@ -4,7 +4,8 @@ model as a Hugging Face folder.
     export_policy("runs/janus1b", "exported/janus1b", dtype="bfloat16")
 
 What the folder holds:
-- config.json, generation_config.json and every weight (model.safetensors, sharded when large), written
+- config.json (`tie_word_embeddings: false`, top level and text config: Janus's text head is its own weight),
+  generation_config.json and every weight (model.safetensors, sharded when large), written
   by `save_pretrained` from the loaded policy: frozen weights from the base model, trained ones from the
   checkpoint (`policy_io.trained_weights`: the fp32 masters when the run kept them), all cast to `dtype`;
 - every other file of the run's `model.path` (tokenizer, processor, chat template, README), copied as is,
@@ -26,7 +27,9 @@ folder; `peft.PeftModel.from_pretrained(base, DIR)` loads it), the toy tokenizer
 It loads with `JanusForConditionalGeneration.from_pretrained(DIR)` and `pairuni train model.path=DIR`
 continues from it. The folder is built beside `--out` and renamed into place when complete: `--out` is
 never half-written (a killed export leaves a hidden `.NAME.*` folder beside it, not inside). An existing
-`--out` is replaced only with `--overwrite`.
+`--out` is replaced only with `--overwrite`, and only when it is an earlier export: every export holds the
+marker file `.pairuni-export` (`EXPORT_MARKER`); a folder without it (a thesis, a home folder) is refused in
+one line, nothing deleted.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 
 from . import lora
 from .cli import user_error
-from .files import current_umask, staged_folder, write_json
+from .files import check_replaceable, current_umask, staged_folder, write_json
 from .model import DTYPES
 from .policy_io import (
     EXPORT_INFO_FILE,
@@ -58,6 +61,10 @@ log = logging.getLogger("pairuni.export")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
             TOY_TOKENIZER_FILE, EXPORT_INFO_FILE)
+
+
+#: The file every export folder holds: `--overwrite` replaces only a folder that has it.
+EXPORT_MARKER = ".pairuni-export"
 
 
 class ExportError(ValueError):
@@ -98,8 +105,8 @@ def export_policy(source: str | Path, out: str | Path, *, dtype: str = "bfloat16
     (a LoRA run's adapters merged; with `adapter_only`, a LoRA run's adapters alone: see the module docstring).
 
     Raises ExportError / PolicySourceError (ValueErrors, one line) before any model loads when `out` exists
-    without `overwrite`, would hold the source, `dtype` is unknown, or `adapter_only` is asked of a run that
-    trained no adapters; returns `out`.
+    without `overwrite` or (with it) is not an earlier export, would hold the source, `dtype` is unknown, or
+    `adapter_only` is asked of a run that trained no adapters; returns `out`.
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
@@ -111,6 +118,10 @@ def export_policy(source: str | Path, out: str | Path, *, dtype: str = "bfloat16
     src = resolve_source(source, key="export")
     if _inside(src.path, out):
         raise ExportError(f"--out: {out} holds the source {src.path}; export to another folder")
+    try:
+        check_replaceable(out, EXPORT_MARKER, overwrite=True)
+    except ValueError as exc:  # not an earlier export: --overwrite deletes nothing it did not write
+        raise ExportError(f"--out: {exc}") from None
     adapters = run_lora(saved_config(src)) if src.kind in ("checkpoint", "adapter") else None
     if adapter_only and adapters is None:
         raise ExportError(f"--adapter-only: {src.path} is not a LoRA run's checkpoint (its model.lora.rank is 0); "
@@ -124,7 +135,7 @@ def export_policy(source: str | Path, out: str | Path, *, dtype: str = "bfloat16
             "config": policy.config}
     if adapters is not None:
         info["lora"] = {**dataclasses.asdict(adapters), "merged": not adapter_only}
-    with staged_folder(out, overwrite=True) as stage:
+    with staged_folder(out, overwrite=True, marker=EXPORT_MARKER) as stage:
         if adapter_only:
             lora.write_adapter(policy.model, stage, base_model=base)
             info["dtype"] = "float32"  # adapters are trained and saved in fp32
@@ -149,6 +160,11 @@ def _write_model(policy, stage: Path, merge_dtype: str | None) -> None:
         model = lora.merged_model(model, DTYPES[merge_dtype], inplace=True).to(DTYPES[merge_dtype])
     # Saved with `_from_model_config` set, transformers drops `generation_kwargs` (begin-of-image id) on load.
     model.generation_config._from_model_config = False
+    # Janus's text head (lm_head) is its own weight, trained apart from the input embeddings: a loader that
+    # honoured a `true` here (the default of a config that omits the key) would drop the trained head
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.tie_word_embeddings = False
     for path in carried_files(policy.base_path):
         shutil.copyfile(path, stage / path.name)
     model.save_pretrained(stage)
@@ -171,7 +187,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="folder to write (refused when it exists, unless --overwrite)")
     p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES),
                    help="dtype of the written weights (default bfloat16, as Janus-Pro ships)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that an earlier export wrote "
+                   "(it holds .pairuni-export; any other folder is refused), only once the new one is complete")
     p.add_argument("--device", default="cpu", help="where the model is assembled (default cpu)")
     p.add_argument("--adapter-only", action="store_true",
                    help="LoRA runs only: write the adapters alone as a peft adapter folder (fp32; --dtype does not "

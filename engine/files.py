@@ -3,13 +3,14 @@
 
     with atomic_writer(path) as fh: ...          # a file: temp beside it, fsync, rename onto it
     write_json(path, obj)                        # one JSON document, atomically
-    with staged_folder(target) as stage: ...     # a folder: filled beside it, swapped in whole
+    with staged_folder(target, marker=".pairuni-export") as stage: ...  # a folder: filled beside it, swapped in
     old = swap_in(stage, target, old)            # the swap itself (checkpoints keep `old` a moment longer)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,15 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None
         raise
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's content, read in `chunk`-byte pieces (any size, constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write one pretty-printed JSON document atomically (NaN refused: strict JSON)."""
     with atomic_writer(path) as fh:
@@ -102,22 +112,45 @@ def remove(path: Path | None) -> None:
             path.unlink()
 
 
+#: The marker `staged_folder(overwrite=True)` writes and looks for when its caller names none.
+FOLDER_MARKER = ".pairuni-folder"
+
+
+def check_replaceable(target: str | os.PathLike, marker: str, *, overwrite: bool) -> None:
+    """Raise ValueError (one line) unless `target` is absent, an empty folder, or (with `overwrite`) a folder
+    holding `marker`, the file the command that wrote it left there: overwrite never deletes anything else."""
+    target = Path(target)
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if not overwrite:
+        raise ValueError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+    if not (target.is_dir() and (target / marker).is_file()):
+        raise ValueError(f"{target} exists and was not written by this command (no {marker} in it): --overwrite "
+                         "replaces only such a folder; nothing was deleted (move it away or pick another folder)")
+
+
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(target: str | os.PathLike, *, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
     """A fresh folder beside `target` to fill; on clean exit it replaces `target` (`swap_in`).
 
     On any exception the stage is removed and `target` is untouched, so `target` is never seen
     half-written: it is the old folder or the finished new one. A process killed while filling
-    leaves only the hidden stage `.NAME.*` beside `target`. `overwrite=False` refuses (ValueError)
-    a `target` that exists and is not an empty folder, before anything is written.
+    leaves only the hidden stage `.NAME.*` beside `target`. The stage starts with the file `marker`
+    (which command wrote the folder; FOLDER_MARKER when `overwrite` names none; without either, none is
+    written). Before anything is written, a `target` that exists and is not an empty folder is refused
+    (ValueError, one line): always without `overwrite`, and with it unless it holds `marker`
+    (`check_replaceable`), so --overwrite replaces only what the same command wrote.
     """
     target = Path(target)
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+    marker = marker or (FOLDER_MARKER if overwrite else None)
+    check_replaceable(target, marker or FOLDER_MARKER, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         stage.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is ordinary data
+        if marker is not None:
+            (stage / marker).write_text(f"Written by pairuni; --overwrite replaces this folder only while {marker} "
+                                        "is in it.\n")
         yield stage
         remove(swap_in(stage, target, target.parent / f".{target.name}.old-{os.getpid()}"))
     except BaseException:

@@ -6,12 +6,17 @@ step (`train.eval_every`), the `eval/*` numbers of engine/evaluate.py (whose ima
 TensorBoard as an image). Only rank 0
 writes; a resumed run drops the rows after its checkpoint (when its first step has succeeded,
 never before), so the file reads like one run.
+
+The file is strict JSON, one object a line: a non-finite number (a NaN loss of a skipped update) is
+written as null and its key listed in the row's `nonfinite` (`{"loss.generation": null, ...,
+"nonfinite": ["loss.generation"]}`); rows read back (a resumed run's) hold NaN there again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from .files import atomic_writer
@@ -19,6 +24,26 @@ from .files import atomic_writer
 log = logging.getLogger("pairuni.metrics")
 
 REWARD_KEYS = (("reward.understanding", "understanding"), ("reward.generation", "generation"))
+
+
+def strict_row(row: dict) -> dict:
+    """`row` as strict JSON holds it: each non-finite number is null, its key listed in `nonfinite`."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return row
+    return {**{k: None if k in bad else v for k, v in row.items()}, "nonfinite": bad}
+
+
+def read_row(line: str) -> dict:
+    """A metrics.jsonl line as the run wrote it: the keys its `nonfinite` lists hold NaN again."""
+    row = json.loads(line)
+    for key in row.pop("nonfinite", None) or ():
+        row[key] = math.nan
+    return row
+
+
+def _line(row: dict) -> str:
+    return json.dumps(strict_row(row), allow_nan=False)
 
 
 def _row_step(line: str) -> float:
@@ -45,8 +70,9 @@ class MetricsLog:
         kept = []
         if self.path.exists():  # a resumed run rewrites history after its checkpoint ...
             kept = [ln for ln in self.path.read_text().splitlines() if _row_step(ln) <= start_step]
-        self._rewrite = kept if self.path.exists() else None  # ... but only once its first step succeeded
-        self.rows = [json.loads(ln) for ln in kept]
+        self.rows = [read_row(ln) for ln in kept]
+        # ... but only once its first step succeeded (rows of an older, non-strict file made strict)
+        self._rewrite = [_line(r) for r in self.rows] if self.path.exists() else None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -63,7 +89,7 @@ class MetricsLog:
                 fh.write("".join(ln + "\n" for ln in self._rewrite))
             self._rewrite = None
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(_line(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -31,11 +31,15 @@ BACKGROUND = (int(IMAGE_MEAN * 255),) * 3
 def load_image(path, size: int, background: tuple[int, int, int] = BACKGROUND) -> torch.Tensor:
     """RGB file -> [3, size, size] uint8: the long side resized to `size` (bicubic, aspect ratio kept),
     then centred on a `background` square, as Janus and `JanusImageProcessor` do (a stretched image
-    would show the vision encoder shapes it never saw). uint8 so a cache of many images stays small."""
+    would show the vision encoder shapes it never saw). uint8 so a cache of many images stays small.
+
+    Any mode decodes faithfully (16-bit, palette, alpha over white, CMYK, ...; `engine.data.io.open_rgb`);
+    a file that does not decode or is over the pixel budget raises `ImageError`, one line naming it."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    from .data.io import open_rgb
+
+    with open_rgb(path) as im:
         w, h = im.size
         # the processor's rule, floor included (14 px: the smallest side it lets through)
         new_w, new_h = max(round(w * size / max(w, h)), 14), max(round(h * size / max(w, h)), 14)

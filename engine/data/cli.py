@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 
 def register(subparsers) -> None:
@@ -17,8 +19,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "validate", help="check a PairUG pairs JSONL file and report every problem with its line number",
-        description="Check a PairUG JSONL file: JSON syntax, required fields, similarity in [0, 1], empty "
-                    "questions/prompts, answer letters, image files under the data root, duplicate pairs. "
+        description="Check a PairUG JSONL file: UTF-8 and line length, JSON syntax, required fields, similarity in "
+                    "[0, 1], empty questions/prompts, answer letters, image files under the data root that decode "
+                    "(truncated, not an image, over the pixel budget PAIRUNI_MAX_IMAGE_PIXELS, unsupported mode), "
+                    "duplicate pairs; one line per problem with its line number. "
                     "Exit code 0 when the file is clean, 1 otherwise.")
     p.add_argument("pairs", help="PairUG JSONL file")
     p.add_argument("--data-root", default=None, help="folder that image paths are relative to (default: the file's folder)")
@@ -73,9 +77,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-retries", type=int, default=None)
     p.add_argument("--max-attempts", type=int, default=None, help="generate-then-verify rounds per sample")
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per HTTP request in all (connect, send, the whole reply)")
     p.add_argument("--cache", default=None, help="reply cache JSONL (default: OUT.cache.jsonl)")
     p.add_argument("--data-root", default=None, help="folder image paths are relative to (default: the input's folder)")
+    p.add_argument("--allow-images-outside", action="store_true",
+                   help="also send images whose real path lies outside the data root (default: refused)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_complete)
 
@@ -89,9 +96,27 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=toyworld.DEFAULT_IMAGE_SIZE, help="image side in pixels")
     p.add_argument("--aligned-fraction", type=float, default=toyworld.DEFAULT_ALIGNED_FRACTION)
     p.add_argument("--delta", type=float, default=pairing.DEFAULT_DELTA, help="minimum retrieved-pair similarity")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder an earlier toy-world wrote (it holds .pairuni-toy-world); any other "
+                        "non-empty folder is refused and left as it is")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_toy_world)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the temporary output files are removed on the way out."""
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM raise `_Terminated` in the main thread; returns the handler it replaced (None when
+    not in the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 def _fail(message: str) -> int:
@@ -149,14 +174,18 @@ def _complete(args: argparse.Namespace) -> int:
         config = CompletionConfig.resolve(overrides, args.config)
     except (ValueError, OSError) as err:
         return _fail(str(err))
+    previous = _terminate_as_interrupt()
     try:
         report = complete_file(args.input, args.out, config, cache_path=args.cache, data_root=args.data_root,
-                               progress=not args.quiet)
-    except KeyboardInterrupt:
+                               progress=not args.quiet, allow_images_outside=args.allow_images_outside)
+    except KeyboardInterrupt as interrupt:
         print("\ninterrupted: finished replies are in the cache; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except ValueError as err:
+        return 143 if isinstance(interrupt, _Terminated) else 130
+    except (ValueError, OSError) as err:
         return _fail(str(err))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(report.counts.items())) or "no samples"
     print(f"{args.out}: {counts}; {report.n_requests} HTTP requests, {report.n_cache_hits} cached replies reused, "
           f"{report.n_retries} retries")

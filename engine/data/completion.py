@@ -17,6 +17,13 @@ flight. Every finished reply is appended to an on-disk JSONL cache keyed by a ha
 full request (model, messages, sampling settings) and flushed at once, so an interrupted
 run loses no finished answer and a rerun replays cached replies instead of paying again
 (and reaches the same decisions). The output file is written atomically at the end.
+
+Safety. An image is sent only when its real path (symlinks resolved, `..` followed) lies inside the
+source set's folder (the data root), unless `allow_images_outside`; only a file that decodes as a PNG,
+JPEG, WebP or GIF image (`io.open_rgb`, pixel budget included; at most MAX_SEND_BYTES) is sent, from the
+very bytes that were checked. `timeout` bounds each HTTP request in all (connect, send, every byte of
+the reply), so a server that trickles its reply is cut at the deadline. Ctrl-C or SIGTERM (`pairuni
+complete`) stops new calls and leaves no temporary file behind.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from typing import Any
 
 from ..files import atomic_writer
 from .io import (
+    ImageError,
     data_root_of,
     dumps_line,
     iter_samples,
+    open_rgb,
     relocate_image_path,
     resolve_image_path,
 )
@@ -54,6 +63,10 @@ ENV_PREFIX = "PAIRUNI_COMPLETE_"
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 PROMPT_VERSION = 1  # part of every cache key: changing a prompt template must not replay old replies
 MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif"}
+#: The MIME type sent for each format PIL detects in a file's bytes (its suffix does not decide).
+FORMAT_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+#: Largest image file sent, in bytes (the hosted APIs take 20 MB per image).
+MAX_SEND_BYTES = 32 << 20
 N_OPTIONS = 4
 
 
@@ -67,7 +80,8 @@ class CompletionConfig:
     api_key:      bearer token; "" sends none (env PAIRUNI_COMPLETE_API_KEY or OPENAI_API_KEY).
     temperature:  sampling temperature of the generation calls (verification uses 0).
     max_tokens:   reply length cap per call.
-    timeout:      seconds per HTTP request.
+    timeout:      seconds per HTTP request in all (connect, send and every byte of the reply: a
+                  server that trickles its reply is cut at this deadline).
     max_retries:  retries per call after a retryable failure (so max_retries + 1 tries).
     backoff_base: first retry delay in seconds; doubles per retry, +0-25% jitter.
     backoff_max:  cap on one retry delay, in seconds.
@@ -193,9 +207,90 @@ def request_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_deadline = threading.local()  # .at: time.monotonic() by which the current thread's request must end
+
+
+def _remaining(timeout: float | None, error):
+    """The seconds a socket operation may take: `timeout` capped by this thread's request deadline;
+    raises `error` (an httpcore timeout class) once the deadline has passed."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise error("the request's total deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    """An httpcore network stream whose every read and write ends by the thread's request deadline."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        import httpcore
+
+        return self._stream.read(max_bytes, _remaining(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        import httpcore
+
+        self._stream.write(buffer, _remaining(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        import httpcore
+
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname,
+                                                      _remaining(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    """httpcore's network backend with `_DeadlineStream`s: httpx's timeouts are per socket operation, so a
+    reply trickled one byte at a time would never time out; this caps them by a total deadline."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        import httpcore
+
+        return _DeadlineStream(self._backend.connect_tcp(host, port, _remaining(timeout, httpcore.ConnectTimeout),
+                                                         local_address, socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        import httpcore
+
+        return _DeadlineStream(self._backend.connect_unix_socket(path, _remaining(timeout, httpcore.ConnectTimeout),
+                                                                 socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _with_deadlines(client) -> None:
+    """Give every connection pool of an httpx.Client (direct and proxied) the deadline backend."""
+    transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is None:
+            raise RuntimeError("httpx/httpcore changed: the total request deadline cannot be installed")
+        if not isinstance(backend, _DeadlineBackend):
+            pool._network_backend = _DeadlineBackend(backend)
+
+
 class ChatClient:
     """Thread-safe chat-completions caller with retries, backoff and the reply cache.
 
+    Every HTTP request ends within `config.timeout` seconds in all. `stop()` makes every later call
+    (and retry) fail at once, so an interrupted run does not wait for the calls still queued.
     Counters (read after a run): n_requests (HTTP requests sent), n_cache_hits, n_retries.
     """
 
@@ -207,9 +302,14 @@ class ChatClient:
         self._sleep = sleep
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._http = httpx.Client(base_url=config.base_url.rstrip("/") + "/", headers=headers, timeout=config.timeout)
+        _with_deadlines(self._http)
         self._httpx = httpx
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self.n_requests = self.n_cache_hits = self.n_retries = 0
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     def close(self) -> None:
         self._http.close()
@@ -241,12 +341,18 @@ class ChatClient:
             return cached
         last_error = ""
         for attempt in range(self.config.max_retries + 1):
+            if self._stopped.is_set():
+                raise CompletionError("interrupted")
             if attempt:
                 self._count("n_retries")
             response = None
             try:
                 self._count("n_requests")
-                response = self._http.post("chat/completions", json=payload)
+                _deadline.at = time.monotonic() + self.config.timeout
+                try:
+                    response = self._http.post("chat/completions", json=payload)
+                finally:
+                    _deadline.at = None
             except self._httpx.TransportError as err:
                 last_error = f"{type(err).__name__}: {err}"
             else:
@@ -275,12 +381,35 @@ def _reply_text(response) -> str:
 
 
 def image_data_url(path: str | os.PathLike) -> str:
-    """`data:<mime>;base64,...` for an image file (png, jpeg, webp, gif)."""
+    """`data:<mime>;base64,...` for an image file (png, jpeg, webp, gif).
+
+    Only a file that decodes as one of those formats (`io.open_rgb`: all pixels, the pixel budget) and
+    holds at most MAX_SEND_BYTES is encoded, from the bytes that were checked; the MIME type is that of
+    the format found in the bytes. Raises ValueError (ImageError) naming the file otherwise."""
     path = Path(path)
-    mime = MIME_TYPES.get(path.suffix.lower())
-    if mime is None:
+    if path.suffix.lower() not in MIME_TYPES:
         raise ValueError(f"image: unsupported file type {path.suffix!r} (expected one of {sorted(MIME_TYPES)})")
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    size = path.stat().st_size
+    if size > MAX_SEND_BYTES:
+        raise ImageError(f"image {path} holds {size:,} bytes, more than the {MAX_SEND_BYTES:,} sent at most")
+    data = path.read_bytes()
+    image = open_rgb(path, data=data)
+    mime = FORMAT_MIME.get(image.info.get("format") or "")
+    if mime is None:
+        raise ImageError(f"image {path} is a {image.info.get('format')} file, not one of {sorted(FORMAT_MIME)}")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def confined_image(image_path: str, data_root: Path, allow_outside: bool = False) -> Path:
+    """The real path of a sample's image (symlinks resolved). Unless `allow_outside`, it must lie inside
+    `data_root` (resolved too): an absolute path elsewhere, a `..` escape or a symlink out is refused
+    (ValueError naming the path and the folder), so nothing outside the source set leaves the machine."""
+    path = resolve_image_path(image_path, data_root).resolve()
+    root = Path(data_root).resolve()
+    if not allow_outside and not path.is_relative_to(root):
+        raise ValueError(f"image {image_path!r} resolves to {path}, outside the source set's folder {root} "
+                         "(--allow-images-outside sends it anyway)")
+    return path
 
 
 def parse_letter(text: str, n_options: int) -> str | None:
@@ -392,15 +521,17 @@ def _verify(client: ChatClient, caption: str, question: str, answer: str) -> str
     return f"a reader of the caption alone answered {picked or repr(reply[:40])} instead of {answer}"
 
 
-def complete_sample(sample: Sample, client: ChatClient, data_root: Path, max_attempts: int) -> Outcome:
-    """Fill in the caption or the question/answer of `sample` (generate, verify, retry with feedback)."""
+def complete_sample(sample: Sample, client: ChatClient, data_root: Path, max_attempts: int, *,
+                    allow_images_outside: bool = False) -> Outcome:
+    """Fill in the caption or the question/answer of `sample` (generate, verify, retry with feedback).
+    Its image is sent only from inside `data_root` unless `allow_images_outside` (`confined_image`)."""
     if sample.has_caption and sample.has_qa:
         return Outcome("unchanged", sample)
     if not sample.has_caption and not sample.has_qa:
         return Outcome("skipped", sample, reason="needs a question and answer or a caption to condition on")
     feedback = None
     try:
-        image = resolve_image_path(sample.image_path, data_root) if sample.image_path else None
+        image = confined_image(sample.image_path, data_root, allow_images_outside) if sample.image_path else None
         image_url = image_data_url(image) if image is not None and image.is_file() else None
         if not sample.has_caption:
             _, options = parse_multiple_choice(sample.question)
@@ -462,7 +593,7 @@ def rejected_path(out: str | os.PathLike) -> Path:
 
 def complete_file(input_path: str | os.PathLike, out: str | os.PathLike, config: CompletionConfig, *,
                   cache_path: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-                  progress: bool = True, sleep=time.sleep) -> CompletionReport:
+                  progress: bool = True, sleep=time.sleep, allow_images_outside: bool = False) -> CompletionReport:
     """Complete every sample of a source-set JSONL file into `out` (written atomically).
 
     Samples that end completed or were already complete are written to `out`, in input order;
@@ -470,7 +601,9 @@ def complete_file(input_path: str | os.PathLike, out: str | os.PathLike, config:
     key. Replies are cached in `cache_path` (default `<out>.cache.jsonl`): rerunning after a
     crash, Ctrl-C or errors re-sends only the calls that never got an answer.
     `data_root` resolves image paths (default: the input file's folder); written image paths
-    are relative to the folder of `out`.
+    are relative to the folder of `out`. Images are sent only from inside `data_root` unless
+    `allow_images_outside`. On Ctrl-C (KeyboardInterrupt) no later call starts, the temporary
+    output files are removed and the interrupt is raised again.
     """
     from tqdm import tqdm
 
@@ -504,11 +637,13 @@ def complete_file(input_path: str | os.PathLike, out: str | os.PathLike, config:
                     bar.set_postfix(done=report.counts.get("completed", 0), cached=client.n_cache_hits)
 
             for sample in iter_samples(input_path):
-                pending.append(pool.submit(complete_sample, sample, client, root, config.max_attempts))
+                pending.append(pool.submit(complete_sample, sample, client, root, config.max_attempts,
+                                           allow_images_outside=allow_images_outside))
                 drain(window)
             drain(0)
     except KeyboardInterrupt:
         report.interrupted = True
+        client.stop()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:

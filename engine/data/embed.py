@@ -90,8 +90,8 @@ def encode_stream(model, items: Iterable, n: int, *, batch_size: int = DEFAULT_B
 
 
 def load_rgb(path: str | os.PathLike):
-    """An image file as an RGB PIL image, fully read (the file handle is closed)."""
-    from PIL import Image
+    """An image file as an RGB PIL image, fully read (the file handle is closed); every mode mapped
+    faithfully and the pixel budget applied (`io.open_rgb`; ImageError, one line naming the file)."""
+    from .io import open_rgb
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return open_rgb(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..seeds import data_order
-from .io import read_pairs, resolve_image_path
+from .io import iter_jsonl, resolve_image_path
 from .schema import Pair, Sample
 from .validate import image_file_problem
 
@@ -29,37 +29,44 @@ def read_training_pairs(path: str | Path, *, max_pairs: int | None = None, image
                         checks: list[PairCheck] = ()) -> tuple[list[Pair], Path]:
     """The first `max_pairs` pairs of `path` and their image root (default: the file's folder, as in PairUG).
 
-    Every pair needs what the rollouts read (a question and an existing image on the understanding
-    half, a prompt on the generation half) and passes `checks`. Raises ValueError naming the file and
-    the pair of the first problem, OSError when the file cannot be read.
+    Every pair needs what the rollouts read (a question and an image that decodes, `io.open_rgb`, on the
+    understanding half, a prompt on the generation half) and passes `checks`. Raises ValueError
+    `path:line: pair #n: ...` naming the first problem, OSError when the file cannot be read.
     """
-    pairs = read_pairs(path)
-    if max_pairs is not None:
-        pairs = pairs[:max_pairs]
+    pairs: list[Pair] = []
+    lines: list[int] = []
+    for number, record in iter_jsonl(path):
+        if max_pairs is not None and len(pairs) >= max_pairs:
+            break
+        pairs.append(Pair.from_record(record, where=f"{path}:{number}"))
+        lines.append(number)
     if not pairs:
         raise ValueError(f"{path} holds no pairs")
     root = Path(image_root) if image_root else Path(path).resolve().parent
+
+    def where(i: int) -> str:
+        return f"{path}:{lines[i]}: pair #{i + 1}"
+
     for i, pair in enumerate(pairs):
-        where = f"{path}: pair #{i + 1}"
         if not pair.understand.has_qa:
-            raise ValueError(f"{where}: understand_ann needs a question and an answer")
+            raise ValueError(f"{where(i)}: understand_ann needs a question and an answer")
         if not pair.generate.has_caption:
-            raise ValueError(f"{where}: generate_ann needs a prompt (caption)")
+            raise ValueError(f"{where(i)}: generate_ann needs a prompt (caption)")
         for check in checks:
             problem = check(pair)
             if problem:
-                raise ValueError(f"{where}: {problem}")
+                raise ValueError(f"{where(i)}: {problem}")
     # every image the run will load must decode: a bad file found at step 1 would cost a model load
     first_use = {}
     for i, pair in enumerate(pairs):
         image = resolve_image_path(pair.understand.image_path, root)
         if not image.is_file():
-            raise ValueError(f"{path}: pair #{i + 1}: understand_ann.image_path {str(image)!r} does not exist")
+            raise ValueError(f"{where(i)}: understand_ann.image_path {str(image)!r} does not exist")
         first_use.setdefault(image, i)
     with ThreadPoolExecutor(max_workers=8) as pool:
         for (image, i), problem in zip(first_use.items(), pool.map(image_file_problem, first_use)):
             if problem is not None:
-                raise ValueError(f"{path}: pair #{i + 1}: understand_ann.image_path: {problem}")
+                raise ValueError(f"{where(i)}: understand_ann.image_path: {problem}")
     return pairs, root
 
 

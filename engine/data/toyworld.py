@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import staged_folder, write_json
+from ..files import check_replaceable, staged_folder, write_json
 from .io import write_pairs, write_samples
 from .schema import Pair, Sample, format_multiple_choice
 
@@ -341,6 +341,10 @@ def _sample(scene: Scene, image_path: str, source_id: str, rng: np.random.Genera
                   tag=f"toy/{qtype}", source_id=source_id, meta={"attributes": scene.attributes()})
 
 
+#: The file every toy-world folder holds: `overwrite` replaces only a folder that has it.
+TOY_WORLD_MARKER = ".pairuni-toy-world"
+
+
 def generate_toy_world(n: int, out: str | os.PathLike, *, seed: int = 0, size: int = DEFAULT_IMAGE_SIZE,
                        aligned_fraction: float = DEFAULT_ALIGNED_FRACTION, delta: float = 0.6,
                        overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -348,9 +352,10 @@ def generate_toy_world(n: int, out: str | os.PathLike, *, seed: int = 0, size: i
 
     Layout of `out`: pairs.jsonl (PairUG, image paths relative to `out`), understand.jsonl and
     generate.jsonl (the source sets the pairs were drawn from; aligned quadruples alternate
-    between them), stats.json, images/*.png ({a,u,g}_NNNNN.png). The folder is built beside
-    `out` and moved into place at the end, so a crash never leaves a half-written world.
-    `overwrite=False` refuses to replace an existing non-empty folder.
+    between them), stats.json, images/*.png ({a,u,g}_NNNNN.png) and the marker `.pairuni-toy-world`
+    (TOY_WORLD_MARKER). The folder is built beside `out` and moved into place at the end, so a crash
+    never leaves a half-written world. An existing non-empty folder is refused (ValueError, one line,
+    nothing deleted) without `overwrite`, and with it unless it is a toy world (holds the marker).
 
     n: number of pairs (>= 1); round(n * aligned_fraction) of them are aligned.
     delta: lower bound on retrieved-pair similarity (at most 0.85, see `related_scene`).
@@ -362,9 +367,13 @@ def generate_toy_world(n: int, out: str | os.PathLike, *, seed: int = 0, size: i
     if not 0.0 <= aligned_fraction <= 1.0:
         raise ValueError(f"aligned_fraction: expected a value in [0, 1], got {aligned_fraction}")
     target = Path(out)
-    if target.exists() and any(target.iterdir()) and not overwrite:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise ValueError(f"out: {target} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    with staged_folder(target, overwrite=True) as stage:
+    try:
+        check_replaceable(target, TOY_WORLD_MARKER, overwrite=True)
+    except ValueError as exc:  # not a toy world: overwrite deletes nothing it did not write
+        raise ValueError(f"out: {exc}") from None
+    with staged_folder(target, overwrite=True, marker=TOY_WORLD_MARKER) as stage:
         (stage / "images").mkdir()
         rng = np.random.default_rng(seed)
         n_aligned = round(n * aligned_fraction)

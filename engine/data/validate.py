@@ -5,10 +5,11 @@ malformed JSON, a line that is not an object, missing top-level or per-half fiel
 non-string fields, similarity that is not a finite number in [0, 1], an unknown `kind`,
 an empty understanding question / answer or generation prompt, an answer letter that
 names no listed option, image files that do not exist under the data root or do not decode
-as images, a source `id` that an earlier line already used for the same half, and pairs that
-repeat an earlier line (same two halves). A file without any pair is a problem too. Memory
-grows with the number of distinct pairs (one 16-byte digest each), ids and image paths, never
-with line length.
+as images (truncated, not an image, over the pixel budget, a mode without an RGB mapping), a line
+that is not UTF-8 or longer than `io.MAX_LINE_BYTES` (reading goes on at the next line), a source
+`id` that an earlier line already used for the same half, and pairs that repeat an earlier line
+(same two halves). A file without any pair is a problem too. Memory grows with the number of
+distinct pairs (one 16-byte digest each), ids and image paths, never with line length.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 
 from ..files import atomic_writer
 from .io import (
+    ImageError,
     data_root_of,
     dumps_line,
-    iter_lines,
+    iter_line_results,
+    open_rgb,
     relocate_image_path,
     resolve_image_path,
 )
@@ -185,15 +188,13 @@ class _Checker:
 
 
 def image_file_problem(path: Path) -> str | None:
-    """None when `path` is a file that decodes as an image; else a one-line reason naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        return f"image file not found: {path}"
+    """None when `path` is a file that decodes to RGB as training will load it (`io.open_rgb`: pixels
+    decoded, pixel budget, mode mapping); else a one-line reason naming it."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes the pixels: a truncated file fails here, not at training step 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        open_rgb(path)  # decodes the pixels: a truncated file fails here, not at training step 1
+    except ImageError as err:
+        return str(err)
+    except OSError as err:  # e.g. a file unreadable for permissions
         return f"not a readable image: {path} ({type(err).__name__}: {err})"
     return None
 
@@ -212,7 +213,10 @@ def iter_checked_lines(path: str | os.PathLike, *, data_root: str | os.PathLike 
     """
     root = Path(data_root) if data_root is not None else data_root_of(path)
     checker = _Checker(root, check_images)
-    for number, text in iter_lines(path):
+    for number, text, problem in iter_line_results(path):
+        if problem is not None:
+            yield number, "", [Problem(number, "", problem)], None
+            continue
         problems, record = checker.check(number, text)
         yield number, text, problems, record
 

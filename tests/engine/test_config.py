@@ -58,6 +58,11 @@ def test_overrides_parse_yaml_values_into_nested_keys():
     ("model.dtype=float64", "model.dtype: expected one of float32 | bfloat16 | float16"),  # a Literal choice
     ("model.train_modules=[lm_head, vision]", r"model.train_modules\[1\]: expected one of language_model"),
     ("train.run_dir=", "train.run_dir: expected a folder"),  # would write into the current folder
+    ("data.pairs_path=", "data.pairs_path: expected a path or null"),  # would train on the bundled pairs
+    ("data.image_root=''", "data.image_root: expected a path or null"),
+    ("data.eval_pairs_path=", "data.eval_pairs_path: expected a path or null"),
+    ("reward.clip_path=' '", "reward.clip_path: expected a path or null"),
+    ("reward.hpsv2_path=", "reward.hpsv2_path: expected a path or null"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -217,3 +222,103 @@ def test_checking_a_config_changes_nothing_on_disk(trained_run, toy_world, tiny_
     assert not temp.exists()  # start_point cleared the dead save
     point = start_point(load_config(None, tiny_overrides(toy_world, run, **{"train.resume": "true"})))
     assert point.path is not None and point.path.parent == store.root
+
+
+# ----------------------------------------------------------------------------- YAML: plain data only
+#: 9 levels of 9 aliases each: 400 bytes that `yaml.safe_load` expands to 9**9 (387 million) strings
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  steps: 3\nrollout:\n  group_size: 4\ntrain:\n  seed: 1\n",
+     r"line 5: duplicate key 'train' \(first on line 1"),  # last-wins would drop the first train: block
+    ("train:\n  steps: 3\n  steps: 4\n", r"line 3: duplicate key 'steps' \(first on line 2"),
+    (ALIAS_BOMB, "line 1: YAML anchor &a refused"),
+    ("optim:\n  betas: *b\n", "line 2: YAML alias [*]b refused"),
+    ("train:\n  <<: {steps: 3}\n  seed: 1\n", "line 2: YAML merge key << refused"),
+    ("train: [\n", "invalid YAML at line 2"),
+], ids=["duplicate_block", "duplicate_key", "alias_bomb", "alias", "merge_key", "invalid"])
+def test_config_files_refuse_duplicate_keys_and_aliases_in_one_line(tmp_path, text, message, capsys, no_model_loads):
+    import time
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"^--config {path}: {message}") as info:
+        load_config(str(path), check=False)
+    assert time.perf_counter() - start < 1 and "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert cli.main(["train", "--config", str(path), f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and len(err) < 400 and not (tmp_path / "run").exists(), err
+
+
+def test_the_alias_bomb_is_400_bytes_and_refused_in_overrides_too():
+    assert len(ALIAS_BOMB) <= 400
+    for override, message in [("optim.betas=&a [0.9, 0.99]", "YAML anchor &a refused"),
+                              ("optim.betas=*a", "YAML alias [*]a refused"),
+                              ("train={steps: 1, steps: 2}", "duplicate key 'steps'"),
+                              ("train=" + ALIAS_BOMB.replace("\n", ", ").join("{}"), "YAML anchor &a refused")]:
+        with pytest.raises(ConfigError, match=f"^override {override.split('=')[0]}: cannot parse value: line 1: {message}"):
+            load_config(None, [override])
+
+
+# ----------------------------------------------------------------------------- the data fingerprint
+def _latest_state(run: Path) -> dict:
+    return json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
+
+
+def test_resume_compares_the_pairs_content_not_the_path_spelling(trained_run, toy_world, tiny_overrides, tmp_path,
+                                                                   monkeypatch, capsys, no_model_loads):
+    """Every checkpoint stores the pairs file resolved and hashed; resume accepts that content by any path
+    (relative, symlink, a copy) and refuses, in one line naming the file, a file whose content changed."""
+    import hashlib
+    import shutil
+
+    from engine.run_start import start_point
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[1], run)
+    saved = _latest_state(run)["data_fingerprint"]["data.pairs_path"]
+    assert saved == {"path": str(Path(toy_world).resolve()), "sha256": hashlib.sha256(Path(toy_world).read_bytes()).hexdigest()}
+    resume = {"train.resume": "true"}
+    monkeypatch.chdir(Path(toy_world).parent)
+    (tmp_path / "link.jsonl").symlink_to(toy_world)
+    world = tmp_path / "world"
+    shutil.copytree(Path(toy_world).parent, world)
+    for same in ("pairs.jsonl", "./../world/pairs.jsonl", tmp_path / "link.jsonl", world / "pairs.jsonl"):
+        assert start_point(load_config(None, tiny_overrides(same, run, **resume))).path is not None, same
+    lines = (world / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (world / "pairs.jsonl").write_text("".join(lines[1:] + lines[:1]))  # same pairs, another order: other data
+    assert cli.main(["train", *tiny_overrides(world / "pairs.jsonl", run, **resume)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"data.pairs_path: {world / 'pairs.jsonl'} is not the pairs file" in err, err
+    assert "content changed" in err
+
+
+def test_a_checkpoint_without_a_fingerprint_still_resumes(trained_run, toy_world, tiny_overrides, tmp_path, monkeypatch,
+                                                          caplog):
+    """Written before fingerprints: resumed with one warning; its pairs path still counts by the file it names."""
+    import shutil
+
+    from engine import checkpoint, run_start
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[1], run)
+    real = checkpoint.read_state
+
+    def unprinted(path):
+        state = real(path)
+        del state["data_fingerprint"]
+        return state
+
+    monkeypatch.setattr(checkpoint, "read_state", unprinted)
+    monkeypatch.chdir(Path(toy_world).parent)
+    for _ in range(2):
+        assert run_start.start_point(load_config(None, tiny_overrides("pairs.jsonl", run, **{"train.resume": "true"}))).path
+    warned = [r.getMessage() for r in caplog.records if "predates data fingerprints" in r.getMessage()]
+    assert len(warned) == 1 and str(run) in warned[0], warned  # once, naming the checkpoint
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    shutil.copyfile(toy_world, elsewhere)
+    with pytest.raises(ConfigError, match="data.pairs_path: "):
+        run_start.start_point(load_config(None, tiny_overrides(elsewhere, run, **{"train.resume": "true"})))

@@ -106,9 +106,57 @@ def test_export_refuses_an_existing_out_without_overwrite(trained_run, tmp_path,
     _, run = trained_run
     out = tmp_path / "out"
     _refused_over(out, run, capsys)
-    assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "keep.txt").unlink()
+    assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0  # an empty folder: filled
+    assert (out / export.EXPORT_MARKER).is_file() and (out / "model.safetensors").is_file()
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0  # an earlier export: replaced
+    assert (out / "model.safetensors").read_bytes() != b"stale"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stage or old copy left beside it
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(trained_run, tmp_path, capsys, no_model_loads):
+    """--overwrite onto a folder that no export wrote (no .pairuni-export in it) is one line and deletes nothing."""
+    _, run = trained_run
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("private")
+    (home / "thesis.tex").write_text("\\documentclass{book}")
+    before = sorted((p.relative_to(home), p.read_bytes() if p.is_file() else None) for p in home.rglob("*"))
+    assert cli.main(["export", str(run), "--out", str(home), "--overwrite"]) == 2
+    err = _one_line_error(capsys)
+    assert "was not written by this command (no .pairuni-export in it)" in err and "nothing was deleted" in err, err
+    assert sorted((p.relative_to(home), p.read_bytes() if p.is_file() else None) for p in home.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # nothing staged beside it either
+    with pytest.raises(export.ExportError, match="no .pairuni-export"):
+        export.export_policy(run, home, overwrite=True)
+    from engine.files import staged_folder
+
+    with pytest.raises(ValueError, match="no .pairuni-folder"), staged_folder(home, overwrite=True):
+        pass  # every --overwrite of the engine goes through this check
+    assert (home / "thesis.tex").is_file() and (home / ".ssh" / "id_ed25519").read_text() == "private"
+
+
+def test_exported_config_unties_the_text_head(trained_run, tmp_path, monkeypatch):
+    """Janus's lm_head is its own trained weight: config.json says tie_word_embeddings: false (top level and
+    text config) even when the loaded config said true (a base config that omits the key), and the head is saved."""
+    trainer, run = trained_run
+    real = export.load_policy
+
+    def tied(*args, **kwargs):
+        policy = real(*args, **kwargs)
+        policy.model.config.tie_word_embeddings = True
+        policy.model.config.text_config.tie_word_embeddings = True
+        return policy
+
+    monkeypatch.setattr(export, "load_policy", tied)
+    out = tmp_path / "out"
+    export.export_policy(run, out, dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+    written = load_file(str(out / "model.safetensors"))
+    heads = [n for n in written if n.endswith("lm_head.weight")]
+    assert heads and all(torch.equal(written[n], trainer.model.state_dict()[n]) for n in heads)
 
 
 def test_a_failed_export_leaves_out_absent_or_intact(trained_run, tmp_path, monkeypatch):
@@ -125,12 +173,14 @@ def test_a_failed_export_leaves_out_absent_or_intact(trained_run, tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         export.export_policy(run, fresh, dtype="float32")
     assert not fresh.exists()
-    old = tmp_path / "old"
+    old = tmp_path / "old"  # an earlier export (its marker), which --overwrite may replace
     old.mkdir()
     (old / "config.json").write_text("{}")
+    (old / export.EXPORT_MARKER).write_text("")
     with pytest.raises(OSError, match="disk full"):
         export.export_policy(run, old, dtype="float32", overwrite=True)
-    assert [p.name for p in old.iterdir()] == ["config.json"] and (old / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in old.iterdir()) == [export.EXPORT_MARKER, "config.json"]
+    assert (old / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
@@ -362,7 +412,8 @@ def test_lora_run_exports_the_adapter_alone_for_peft(lora_run, tmp_path, capsys)
     out = tmp_path / "adapter"
     assert cli.main(["export", str(run), "--out", str(out), "--adapter-only"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_model.safetensors", "adapter_config.json",
-                                                            TOY_TOKENIZER_FILE, export.EXPORT_INFO_FILE])
+                                                            TOY_TOKENIZER_FILE, export.EXPORT_INFO_FILE,
+                                                            export.EXPORT_MARKER])
     info = json.loads((out / export.EXPORT_INFO_FILE).read_text())
     assert info["lora"]["merged"] is False and info["base_model"] is None and "tiny random Janus" in info["base"]
     assert all(".lora_A." in n or ".lora_B." in n for n in load_file(str(out / "adapter_model.safetensors")))

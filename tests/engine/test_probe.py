@@ -36,9 +36,12 @@ SMALL = ["rollout.group_size=4", "rollout.max_new_tokens=3", "train.progress=fal
 
 
 @pytest.fixture(scope="module")
-def trainer():
-    """Probe settings, 2 pairs per batch, micro-batches of 3 rows (8 rows: chunks 3, 3, 2)."""
-    cfg = probe_config(load_config(None, [*SMALL, "optim.micro_batch_size=3"]), pairs_per_batch=2, seed=0)
+def trainer(tmp_path_factory):
+    """Probe settings, 2 pairs per batch, micro-batches of 3 rows (8 rows: chunks 3, 3, 2). Its run_dir is a
+    temp folder: the default (runs/tiny) is the user's demo run, which tests never read."""
+    run = tmp_path_factory.mktemp("probe") / "run"
+    cfg = probe_config(load_config(None, [*SMALL, "optim.micro_batch_size=3", f"train.run_dir={run}"]),
+                       pairs_per_batch=2, seed=0)
     return PairGRPOTrainer.from_config(cfg)
 
 
@@ -188,7 +191,7 @@ def test_cli_run_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
     # batch needs one such group for a non-zero understanding gradient
     k = 6
     assert cli.main(["probe-gradients", "--num-batches", str(k), "--pairs-per-batch", "4", "--seed", "0",
-                     "--out", str(out), *SMALL]) == 0
+                     "--out", str(out), *SMALL, f"train.run_dir={tmp_path / 'run'}"]) == 0
     text = capsys.readouterr().out
     assert "median" in text and "\npaired " in text and "\nrandom " in text and "layers.1" in text
     data = json.loads((out / "gradient_probe.json").read_text())

@@ -411,3 +411,120 @@ def test_bad_samples_are_reported_not_fatal(server, tmp_path):
     assert reasons[0].startswith("error: image not found") and "unsupported file type" in reasons[1]
     assert reasons[2].startswith("skipped: captioning needs a multiple-choice question")
     assert (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_images_outside_the_source_folder_or_not_images_are_never_sent(server, inputs, tmp_path):
+    import os
+    import shutil
+
+    from engine.data.schema import Sample
+
+    world = inputs.parent
+    captionless = next(iter_samples(inputs))
+    secret = world.parent / "secret.png"  # a toy image outside the source set's folder
+    shutil.copy(resolve_image_path(captionless.image_path, world), secret)
+    os.symlink(secret, world / "link.png")
+    (world / "key.png").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n")
+    question, answer = captionless.question, captionless.answer
+    samples = [Sample(str(secret), question=question, answer=answer), Sample("../secret.png", question=question, answer=answer),
+               Sample("link.png", question=question, answer=answer), Sample("key.png", question=question, answer=answer)]
+    write_samples(world / "hostile.jsonl", samples)
+    report = run(world / "hostile.jsonl", tmp_path / "o.jsonl", config(server))
+    assert report.counts == {"error": 4} and report.n_requests == 0 and server.log == []
+    reasons = [json.loads(x)["completion_error"] for x in rejected_path(tmp_path / "o.jsonl").read_text().splitlines()]
+    assert all(f"resolves to {secret}, outside the source set's folder" in r for r in reasons[:3]), reasons
+    assert "not a readable image" in reasons[3] and "key.png" in reasons[3]
+    allowed = run(world / "hostile.jsonl", tmp_path / "p.jsonl", config(server), allow_images_outside=True)
+    assert allowed.counts.get("error") == 1 and len(server.requests("caption")) >= 3  # the key still stays home
+    assert all("PRIVATE KEY" not in body and "b3BlbnNzaC1rZXkt" not in body for body in server.requests())
+
+
+def trickling_server(trickle_headers: bool):
+    """A chat endpoint that sends its reply one byte every 0.5 s (at most 40 bytes, so 20 s at most)."""
+    reply = json.dumps({"choices": [{"message": {"content": "A"}}]}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(reply)}\r\n\r\n").encode()
+            slow = head + reply if trickle_headers else reply
+            if not trickle_headers:
+                self.wfile.write(head)
+                self.wfile.flush()
+            for i in range(min(len(slow), 40)):
+                try:
+                    self.wfile.write(slow[i:i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.5)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd
+
+
+@pytest.mark.parametrize("trickle_headers", [False, True])
+def test_a_trickling_server_is_cut_at_the_total_deadline(tmp_path, trickle_headers):
+    from engine.data.completion import CompletionError
+
+    httpd = trickling_server(trickle_headers)
+    try:
+        cfg = CompletionConfig(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m", timeout=1.5,
+                               max_retries=0)
+        client = ChatClient(cfg, ResponseCache(tmp_path / "c.jsonl"))
+        start = time.monotonic()
+        with pytest.raises(CompletionError, match="Timeout"):
+            client.chat([{"role": "user", "content": "hi"}])
+        elapsed = time.monotonic() - start
+        assert 1.4 <= elapsed < 4.0, elapsed  # per-read timeouts of 1.5 s never fire at 0.5 s a byte (20 s in all)
+        client.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_sigterm_leaves_no_temporary_file(inputs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    got, release = threading.Event(), threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.set()
+            release.wait(10)  # stalls until the test ends (at most 10 s)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    out = tmp_path / "out" / "o.jsonl"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "complete", "--input", str(inputs), "--out", str(out),
+                             "--base-url", f"http://127.0.0.1:{httpd.server_address[1]}/v1", "--model", "m", "--quiet",
+                             "--timeout", "3", "--max-retries", "0"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert got.wait(120), "the command never sent a request"
+        assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")], "the outputs are written meanwhile"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        httpd.shutdown()
+        httpd.server_close()
+    assert proc.returncode == 143, (stdout, stderr)
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.jsonl.cache.jsonl"]  # no temp file, no half output

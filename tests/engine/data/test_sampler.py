@@ -32,5 +32,5 @@ def test_checks_name_the_file_and_the_pair(toy_world):
         seen.append(pair)
         return "too blue" if len(seen) == 3 else None
 
-    with pytest.raises(ValueError, match=r"pairs\.jsonl: pair #3: too blue"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: pair #3: too blue"):
         read_training_pairs(toy_world, checks=[third_is_bad])

@@ -170,3 +170,29 @@ def test_bundled_pairs_are_consistent_with_their_pixels():
                      "position": attrs["positions"][0]}[half.tag.split("/")[1]]
             assert options[OPTION_LETTERS.index(half.answer)] == truth
         assert all(p in POSITIONS for p in pair.generate.meta["attributes"]["positions"])
+
+
+def test_toy_world_overwrite_replaces_only_a_toy_world(tmp_path, capsys):
+    """`pairuni toy-world --overwrite` replaces a folder it wrote (its .pairuni-toy-world marker, also in the
+    bundled world, so the documented regeneration works) and refuses any other in one line, deleting nothing."""
+    from engine.cli import main
+    from engine.data.toyworld import TOY_WORLD_MARKER
+
+    assert (default_data_root() / TOY_WORLD_MARKER).is_file()
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("private")
+    (home / "thesis.tex").write_text("\\documentclass{book}")
+    before = sorted((p.relative_to(home), p.read_bytes() if p.is_file() else None) for p in home.rglob("*"))
+    assert main(["toy-world", "--n", "2", "--size", "32", "--out", str(home), "--overwrite", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{home} exists and was not written by this command (no {TOY_WORLD_MARKER}" in err, err
+    with pytest.raises(ValueError, match="nothing was deleted"):
+        generate_toy_world(2, home, size=32, overwrite=True, progress=False)
+    assert sorted((p.relative_to(home), p.read_bytes() if p.is_file() else None) for p in home.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    world = tmp_path / "world"
+    assert main(["toy-world", "--n", "3", "--size", "32", "--out", str(world), "--quiet"]) == 0
+    assert (world / TOY_WORLD_MARKER).is_file()
+    assert main(["toy-world", "--n", "2", "--size", "32", "--out", str(world), "--overwrite", "--quiet"]) == 0
+    assert len(read_pairs(world / "pairs.jsonl")) == 2 and (world / TOY_WORLD_MARKER).is_file()
