@@ -24,6 +24,7 @@ interrupted at step k and resumed computes exactly what the uninterrupted run wo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -146,9 +147,26 @@ def _write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, state:
         if main:
             store.abort(tmp)
         raise
-    final = store.publish(tmp, step, keep) if main else None
+    try:
+        final = store.publish(tmp, step, keep) if main else None
+    except BaseException:
+        store.abort(tmp)  # gone already once it moved in; the previous checkpoint is untouched either way
+        raise
     distributed.barrier(env)
     return final if main else store.root / step_name(step)
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file`, whose errors (a `SafetensorError` wrapping ENOSPC, EROFS, EACCES, ...) name no
+    file: re-raised as an OSError naming `path` (errno kept where the message gives one)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        code = next((c for c in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)
+                     if f"code: {c}," in str(err)), errno.EIO)
+        raise OSError(code, f"{os.strerror(code)} ({err})", str(path)) from err
 
 
 def require_finite(tensors: dict[str, torch.Tensor], what: str, step: int) -> None:
@@ -178,12 +196,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, ext
     require_finite(opt_tensors, "optimizer state", step)
 
     def write(tmp: Path) -> None:
-        save_file(params, str(tmp / "policy.safetensors"))
+        write_tensors(params, tmp / "policy.safetensors")
         if masters is not None:
-            save_file(masters, str(tmp / "master.safetensors"))
+            write_tensors(masters, tmp / "master.safetensors")
         if updates:
-            save_file(updates, str(tmp / "update.safetensors"))
-        save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+            write_tensors(updates, tmp / "update.safetensors")
+        write_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizer.safetensors")
 
     return _write_checkpoint(run_dir, step, write, {"optimizer": opt_plain, "rng": rng_js, **extra}, keep=keep,
                              store=store)

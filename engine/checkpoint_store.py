@@ -20,7 +20,11 @@ Rules, each tested by killing or damaging a run (tests/engine/test_faults.py):
 - Pruning orders by step number, never deletes the checkpoint `latest` names, and deletes
   nothing in a run that fell back (the skipped folders are evidence, not garbage).
 - A temp folder belongs to the process named in it; it is removed at the next start when that
-  process is dead on this host, never while it lives.
+  process is certainly dead: while this process holds the run folder's lock (engine/lock.py, what
+  `pairuni train` takes before touching the folder) no other live process can be saving into it, so
+  every temp folder not this process's own is dead, whatever host its name gives (pods restart with a
+  new hostname); without the lock, only those of dead processes on this host go, never a live one's
+  or another machine's (a shared file system).
 """
 
 from __future__ import annotations
@@ -52,14 +56,33 @@ _CHUNK = 16 << 20
 # point, so the fault tests can stop a real run at the worst moments. Points, in save order:
 KILL_POINTS = ("save:files_written", "save:sealed", "save:swapped", "save:published")
 KILL_ENV = "PAIRUNI_KILL_AT"
+# Test hook: `PAIRUNI_PAUSE_AT=<point>[@N][,<point>[@N]...]` and `PAIRUNI_PAUSE_FILE=<path>` make the process
+# write `path` (its pid) when it reaches `point` for the N-th time (default 1; a save point above, or
+# "start", "step:rollout", "step:update" of `pairuni train`) and wait there until the file is removed (at
+# most 120 s), so a test can send signals at that moment.
+PAUSE_ENV, PAUSE_FILE_ENV = "PAIRUNI_PAUSE_AT", "PAIRUNI_PAUSE_FILE"
+_REACHED: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL this process when `PAIRUNI_KILL_AT` names `name` (no cost otherwise)."""
+    """SIGKILL this process when `PAIRUNI_KILL_AT` names `name`; pause when `PAIRUNI_PAUSE_AT` does (no cost
+    otherwise)."""
     if os.environ.get(KILL_ENV) == name:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    pauses = os.environ.get(PAUSE_ENV)
+    if not pauses:
+        return
+    _REACHED[name] = _REACHED.get(name, 0) + 1
+    if f"{name}@{_REACHED[name]}" in pauses.split(",") or (_REACHED[name] == 1 and name in pauses.split(",")):
+        import time
+
+        flag = Path(os.environ[PAUSE_FILE_ENV])
+        flag.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 class CheckpointError(ValueError):
@@ -272,7 +295,8 @@ class CheckpointStore:
         return doomed
 
     def remove_dead_temps(self) -> list[Path]:
-        """Remove temp / swapped-out folders of saves whose process is dead (on this host).
+        """Remove temp / swapped-out folders of saves whose process is dead: any but this process's own
+        while it holds the run folder's lock, else those of dead processes on this host (module docstring).
 
         A swapped-out folder whose step has no folder any more is moved back instead: its save
         died between moving the old copy aside and moving the new one in.
@@ -280,14 +304,19 @@ class CheckpointStore:
         removed: list[Path] = []
         if not self.root.is_dir():
             return removed
+        from .lock import held_here
+
+        locked = held_here(self.root.parent)  # no other live process can be saving here
         for path in self.root.iterdir():
             match = _TMP_NAME.match(path.name)
             if not match or not path.is_dir():
                 continue
-            host, pid = match.group("host"), match.group("pid") or match.group("oldpid")
-            if host is not None and host != self.host:
+            host, pid = match.group("host"), int(match.group("pid") or match.group("oldpid"))
+            if pid == os.getpid() and host in (None, self.host):
+                continue  # this process's own
+            if not locked and host is not None and host != self.host:
                 continue  # another machine's save on a shared file system: not ours to judge
-            if int(pid) == os.getpid() or _pid_alive(int(pid)):
+            if not locked and _pid_alive(pid):
                 continue
             final = self.root / step_name(int(match.group(1)))
             if path.name.startswith(OLD_PREFIX) and not final.exists():

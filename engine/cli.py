@@ -26,12 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_error(command: str, args, exc: Exception, prefix: str = "") -> int:
-    """A subcommand's error: one line `pairuni COMMAND: PREFIX MESSAGE` on stderr and exit code 2; with
-    `pairuni --debug`, the exception itself (full traceback)."""
+def user_error(command: str, args, exc: Exception, prefix: str = "", suffix: str = "") -> int:
+    """A subcommand's error: one line `pairuni COMMAND: PREFIX MESSAGE SUFFIX` on stderr and exit code 2; with
+    `pairuni --debug`, the exception itself (full traceback). An OSError's line names its file(s)."""
     if getattr(args, "debug", False):
         raise exc
-    print(f"pairuni {command}: {prefix}{exc}", file=sys.stderr)
+    message = " ".join(str(exc).split("\n"))
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+        message += f": {exc.filename}"
+    print(f"pairuni {command}: {prefix}{message}{suffix}", file=sys.stderr)
     return 2
 
 

@@ -12,6 +12,8 @@ One step, for P pairs and group size G (`train_step`, one commented block per ph
      accumulated gradient is that of `understanding_weight * loss_text + generation_weight * loss_image`
      on the full batch; gradient clipping; AdamW8bit (engine/optim.py)
   5. metrics (engine/metrics.py), 6. checkpoint (engine/checkpoint.py)
+A signal (`StopRequest`, installed by `pairuni train`) abandons a single process's rollouts or lets an update or
+save finish, then the loop stops with a verified checkpoint of the last finished step (`Preempted`).
 Departures from the paper: none in the objective. Image tokens are drawn from the CFG-guided
 distribution but, by default, scored under the conditional branch (as T2I-R1 / PairUni do), so
 the ratio is that of the conditional policy (`rollout.image_logprob=cfg` scores the guided one).
@@ -21,9 +23,12 @@ Micro-batch scaling follows the loss aggregation mode, so results do not depend 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +41,10 @@ from pairuni_kernels.policy_loss import loss_denominator, loss_share
 
 from . import distributed
 from .build import Components, build_components
-from .checkpoint_store import step_name
+from .checkpoint_store import kill_point, step_name, verify
 from .config import Config
 from .files import write_json
+from .lock import RunLock, held_here
 from .metrics import MetricsLog, summarize
 from .policy import TASKS, task_mask, task_view
 from .preflight import history_of, set_aside
@@ -50,6 +56,87 @@ log = logging.getLogger("pairuni.trainer")
 
 class NonFiniteError(RuntimeError):
     """`train.max_bad_steps` steps in a row had a non-finite loss or gradient norm; names the step."""
+
+
+#: Exit code of a run stopped by each signal (128 + its number, as a shell reports a process it killed).
+STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+class Interrupted(BaseException):
+    """Raised by the signal handler inside an interruptible section (nothing there needs finishing)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving (or already having) a checkpoint of its last finished step.
+
+    path: that verified checkpoint (None: nothing to save); step: its step; saved: written by this stop."""
+
+    def __init__(self, signum: int, step: int, path: Path | None, saved: bool):
+        self.signum, self.step, self.path, self.saved = signum, step, path, saved
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+
+    @property
+    def exit_code(self) -> int:
+        return STOP_SIGNALS.get(self.signum, 128 + int(self.signum))
+
+
+class StopRequest:
+    """SIGTERM / SIGINT during a run (installed by `pairuni train`; a trainer used as a library has one that
+    never fires). The first signal asks the run to stop: inside an `interruptible()` section (startup, a
+    single process's rollouts: nothing there changes the model or a file) the section is abandoned at once
+    (`Interrupted`); anywhere else (an update, metrics, a save) the work finishes and the loop stops at the
+    next step boundary. A second signal exits at once (`os._exit`, like SIGKILL: the lock goes with the
+    process, a half-written save's temp folder is removed at the next start, the previous checkpoint stays)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._interruptible = 0
+        self._previous: dict = {}
+
+    def install(self) -> bool:
+        """Handle SIGTERM and SIGINT in this process (main thread only; False elsewhere)."""
+        try:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay as they were
+            return False
+        return True
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        code = STOP_SIGNALS.get(signum, 128 + signum)
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"pairuni train: second signal ({name}): exiting now without saving; the last published "
+                        "checkpoint stays valid (resume with train.resume=true)\n".encode())
+            os._exit(code)
+        self.signum = signum
+        log.warning("%s: stopping after the current step (a second signal exits at once)", name)
+        if self._interruptible:
+            raise Interrupted(signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A section that a signal abandons at once (raises `Interrupted`)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        self._interruptible += 1
+        try:
+            yield
+        finally:
+            self._interruptible -= 1
 
 
 @dataclass
@@ -87,6 +174,9 @@ class PairGRPOTrainer:
         self.step = 0
         self.bad_steps = 0  # steps in a row whose every update was skipped as non-finite
         self._eval_images = None  # image cache of the held-out pairs, built at the first evaluation
+        self.stop = StopRequest()  # `pairuni train` installs one with signal handlers
+        self.activity = "starting"  # what the run is doing, for an OS error's message ("step 3", "saving step 4")
+        self.saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint this run wrote or resumed
 
     @classmethod
     def from_config(cls, cfg: Config) -> PairGRPOTrainer:
@@ -97,11 +187,21 @@ class PairGRPOTrainer:
     def train_step(self) -> dict:
         """One PairGRPO step on the sampler's next pairs; returns its metrics row."""
         step = self.step + 1
+        self.activity = f"step {step}"
         t0 = time.perf_counter()
-        # 1-3. rollouts, rewards and advantages of this step's pairs
-        batch = self.make_batch(step, self.sampler.next())
+        # 1-3. rollouts, rewards and advantages of this step's pairs. They change nothing but the data cursor, so
+        # in a single process a signal abandons them (the cursor goes back); under torchrun the ranks finish the step
+        cursor = self.sampler.state_dict()
+        try:
+            with self.stop.interruptible() if self.dist is None else contextlib.nullcontext():
+                kill_point("step:rollout")
+                batch = self.make_batch(step, self.sampler.next())
+        except Interrupted:
+            self.sampler.load_state_dict(cursor)
+            raise
         t1 = time.perf_counter()
         # 4. update: mu optimizer steps on the batch
+        kill_point("step:update")
         metrics = self.update(batch)
         self.step = step
         # 5. metrics: mean rewards over ranks (equal shares: the mean of the ranks' means)
@@ -296,21 +396,55 @@ class PairGRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints and the loop
     def state_extra(self) -> dict:
-        extra = {"data": self.sampler.state_dict(), "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
+        from .run_start import data_fingerprint
+
+        # the pairs files' paths and content hashes, as `run_start.start_point` hashed them when the run started:
+        # a resume refuses changed data and accepts the same file by any path
+        extra = {"data": self.sampler.state_dict(), "config": self.cfg.to_dict(), "bad_steps": self.bad_steps,
+                 "data_fingerprint": data_fingerprint(self.cfg)}
         if self.parts.tokenizer_json is not None:
             extra["tokenizer"] = self.parts.tokenizer_json
         return extra
 
     def save(self) -> Path:
         """Checkpoint the current step (collective under torchrun)."""
-        return self.checkpoints.save(self.step, self.state_extra())
+        self.activity = f"saving step {self.step}"
+        path = self.checkpoints.save(self.step, self.state_extra())
+        self.saved = (self.step, path)
+        return path
+
+    def kept(self) -> str:
+        """What a failed run leaves to resume from, for its error line."""
+        if self.saved is None:
+            return "no checkpoint of this run yet"
+        return f"the checkpoint of step {self.saved[0]} ({self.saved[1]}) is kept; resume with train.resume=true"
+
+    def _agreed_stop(self) -> bool:
+        """A stop was asked for (on any rank: under torchrun every rank answers the same, a collective)."""
+        if self.dist is None:
+            return self.stop.requested
+        return float(distributed.all_reduce_sum(float(self.stop.requested), self.dist)) > 0
+
+    def _stop_with_checkpoint(self) -> Preempted:
+        """Save (unless saved already) and verify the checkpoint of the last finished step; the `Preempted` to raise."""
+        signum = self.stop.signum or signal.SIGTERM
+        if self.saved is not None and self.saved[0] == self.step:
+            return Preempted(signum, self.step, self.saved[1], saved=False)
+        if self.step == 0 and self.dist is not None:  # nothing trained; the sharded optimizer has no state yet
+            return Preempted(signum, 0, None, saved=False)
+        path = self.save()
+        if distributed.is_main():
+            verify(path)
+        return Preempted(signum, self.step, path, saved=True)
 
     def maybe_resume(self) -> bool:
         """Load the checkpoint `run_start.start_point` chose before the model loaded (none: False)."""
         point = self.parts.resume
         if point is None or point.path is None:
             return False
+        self.activity = f"loading {point.path}"
         state = self.checkpoints.load(point.path)
+        self.saved = (int(state["step"]), point.path)
         self.checkpoints.resumed_from(point)
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
@@ -321,8 +455,18 @@ class PairGRPOTrainer:
     def train(self, steps: int | None = None) -> dict:
         """Run until `cfg.train.steps` (or `steps` more); returns a summary dict."""
         main = distributed.is_main()
+        # `pairuni train` holds the run folder's lock already; a library caller takes it here (rank 0)
+        lock = RunLock.acquire(self.run_dir) if main and not held_here(self.run_dir) else None
+        try:
+            return self._train(steps, main)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, steps: int | None, main: bool) -> dict:
         resumed_from = self.step if self.maybe_resume() else None
         earlier = None  # an earlier run's files, moved aside (train.on_existing) before anything is written
+        self.activity = "preparing the run folder"
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints.store.remove_dead_temps()
@@ -341,9 +485,17 @@ class PairGRPOTrainer:
         t0 = time.perf_counter()
         bar = tqdm(total=end, initial=self.step, desc="PairGRPO", disable=not (self.cfg.train.progress and main),
                    leave=True)
+        stopped = False
         try:
             while self.step < end:
-                row = self.train_step()
+                if self._agreed_stop():  # a signal during the previous step, its save or the start
+                    stopped = True
+                    break
+                try:
+                    row = self.train_step()
+                except Interrupted:  # rollouts abandoned: the model and cursor are those of the last step
+                    stopped = True
+                    break
                 if earlier is not None and self.cfg.train.on_existing == "overwrite":
                     for old in self.run_dir.glob("overwritten-*"):  # those of crashed attempts too
                         shutil.rmtree(old, ignore_errors=True)
@@ -353,6 +505,10 @@ class PairGRPOTrainer:
         finally:
             bar.close()
             self.metrics_log = None
+        if stopped:
+            stop = self._stop_with_checkpoint()
+            metrics_log.close()
+            raise stop
         ckpt = self.save()
         curve = metrics_log.plot()
         metrics_log.close()

@@ -5,6 +5,7 @@ Each test ends with the run resumable and no checkpoint lost; README's fault mat
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -266,3 +267,83 @@ def test_files_honour_the_umask(train, tmp_path):
                  run / "checkpoints" / "step_000002" / "policy.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
     assert stat.S_IMODE((run / "checkpoints" / "step_000002").stat().st_mode) == 0o750
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("pairuni")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_no_space_during_a_save_is_one_line_keeping_the_previous_checkpoint(train, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import engine.checkpoint
+
+    real, calls = engine.checkpoint.save_file, []
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if "step_000004" in filename:  # what safetensors raises on ENOSPC: no file name in it
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(engine.checkpoint, "save_file", full_disk)
+    run = tmp_path / "run"
+    rc, err = train(run, **{"train.steps": 4, "train.save_every": 2})
+    line = one_line(err)
+    assert rc == 2 and line.startswith("pairuni train: saving step 4: [Errno 28] No space left on device")
+    assert "policy.safetensors" in line and ".tmp_step_000004" in line
+    assert line.endswith(f"the checkpoint of step 2 ({run / 'checkpoints' / 'step_000002'}) is kept; "
+                         "resume with train.resume=true")
+    assert steps_of(run) == [2] and not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert train(run, **{"train.steps": 4, "train.save_every": 2, "train.resume": "true"})[0] == 0
+    assert steps_of(run) == [2, 4] and rows_of(run) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("error", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_a_failing_metrics_write_is_one_line_naming_file_and_step(train, toy_world, tiny_overrides, tmp_path,
+                                                                  monkeypatch, error):
+    from engine.metrics import MetricsLog
+
+    real = MetricsLog.write
+
+    def read_only(self, row):
+        if row["step"] == 3:
+            raise OSError(error, os.strerror(error), str(self.path))
+        return real(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", read_only)
+    run = tmp_path / "run"
+    rc, err = train(run, **{"train.steps": 4, "train.save_every": 2})
+    line = one_line(err)
+    assert rc == 2 and line.startswith(f"pairuni train: step 3: [Errno {error}] {os.strerror(error)}")
+    assert str(run / "metrics.jsonl") in line and "the checkpoint of step 2" in line
+    with pytest.raises(OSError, match="metrics.jsonl"):  # --debug: the exception itself
+        cli.main(["--debug", "train", *tiny_overrides(toy_world, tmp_path / "debug", **{"train.steps": 3})])
+
+
+def test_an_unwritable_run_folder_at_the_start_is_one_line(train, tmp_path, monkeypatch):
+    import engine.trainer
+
+    def denied(path, obj):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(engine.trainer, "write_json", denied)  # chmod does not stop root: fake it
+    run = tmp_path / "run"
+    rc, err = train(run)
+    line = one_line(err)
+    assert rc == 2 and "preparing the run folder: [Errno 13] Permission denied" in line
+    assert str(run / "config.json") in line and line.endswith("no checkpoint of this run yet")
+
+
+def test_dead_saves_of_any_host_are_removed_at_the_next_start(train, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, **{"train.steps": 2})[0] == 0
+    for name in (".tmp_step_000003.old-pod-name.4242", f".old_step_000002.other-host.{os.getpid()}"):
+        (run / "checkpoints" / name).mkdir()
+        (run / "checkpoints" / name / "policy.safetensors").write_bytes(b"x" * 100)
+    assert train(run, **{"train.steps": 3, "train.resume": "true"})[0] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000003"]
