@@ -3,7 +3,7 @@
 tests/engine/golden/default_run_metrics.jsonl holds that run's metrics.jsonl without the timing
 (`time.*`) and CUDA memory (`mem.*`) keys. The run goes through a fresh process whose CPU kernels are
 pinned to AVX2 (`PINNED_CPU`: torch's own vectorised kernels, MKL's conditional numerical
-reproducibility, oneDNN), so every x86-64 machine with AVX2 computes the same rounding: without the
+reproducibility, oneDNN), so that the rounding does not depend on the CPU's vector width: without the
 pins an AVX-512 machine with AMX rounded the first matmuls differently (1e-7), the 8-bit optimizer
 amplified that to 2e-5 by step 2 and the sampled tokens parted at step 4, with no change in the code.
 Two runs agree bit for bit, so the tolerance is tight: integers exactly, floats to rel 1e-5 / abs 1e-6,
