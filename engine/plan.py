@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .cli import user_error
+from .dimoo.shapes import MODEL_NAMES as DIMOO_MODEL_NAMES
 from .janus_shapes import IMAGE_CODEBOOK, IMAGE_TOKENS, MODEL_NAMES, janus_pro_config, linear_shapes, parameter_counts
 from .lora import QUANTIZED_PROJECTIONS, target_pattern
 
@@ -154,8 +155,8 @@ def plan_of_run(run, *, gpus: int = 1, model: str | None = None, prompt_tokens: 
         if run.model.path is None:
             raise ValueError("model.path: null is the tiny demo model, not a Janus-Pro preset; pass --model")
         model = preset_of(run.model.path)
-    if model not in MODEL_NAMES:
-        raise ValueError(f"--model: expected one of {MODEL_NAMES}, got {model!r}")
+    if model not in MODEL_NAMES + DIMOO_MODEL_NAMES:
+        raise ValueError(f"--model: expected one of {MODEL_NAMES + DIMOO_MODEL_NAMES}, got {model!r}")
     dtype = run.model.dtype if gpus == 1 else (run.distributed.param_dtype or run.model.dtype)
     return PlanConfig(
         model=model, gpus=gpus, group_size=run.rollout.group_size,
@@ -325,8 +326,9 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a run's YAML config (default: the embedded defaults, as `pairuni train`)")
-    p.add_argument("--model", default=None, choices=MODEL_NAMES,
-                   help="preset whose shapes are planned (default: read off model.path's config.json)")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES + DIMOO_MODEL_NAMES,
+                   help="preset whose shapes are planned (default: read off model.path's config.json); "
+                        "dimoo-*: Lumina-DiMOO (engine/dimoo/plan.py)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (FSDP2 under torchrun)")
     p.add_argument("--pairs-per-gpu", type=int, default=None, help="data.pairs_per_step = this x --gpus")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
@@ -335,6 +337,9 @@ def register(subparsers) -> None:
         p.add_argument(flag, default=None, metavar="VALUE", help=f"{key}={flag[2:].upper()}: {what}")
     p.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     p.add_argument("--master-weights", action="store_true", help="optim.master_weights=true")
+    p.add_argument("--steps", type=int, default=None, help="dimoo-*: denoising steps of the image sampler (64)")
+    p.add_argument("--score-groups", type=int, default=None, help="dimoo-*: scoring forwards per sample (4)")
+    p.add_argument("--resolution", type=int, default=None, help="dimoo-*: image side in px (512)")
     p.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
     p.add_argument("--methods-table", action="store_true",
                    help="a markdown table of every preset x method (full fine-tuning with fp32 masters, Kahan or "
@@ -361,6 +366,14 @@ def _run(args) -> int:
         if args.methods_table:
             print(methods_table(run, gpus=args.gpus, prompt_tokens=args.prompt_tokens))
             return 0
+        if args.model in DIMOO_MODEL_NAMES:
+            from .dimoo.plan import run_plan
+
+            print(run_plan(args, run))
+            return 0
+        dimoo_only = [f for f in ("steps", "score_groups", "resolution") if getattr(args, f) is not None]
+        if dimoo_only:
+            raise ValueError(f"--{dimoo_only[0].replace('_', '-')}: only for --model {'|'.join(DIMOO_MODEL_NAMES)}")
         cfg = plan_of_run(run, gpus=args.gpus, model=args.model, prompt_tokens=args.prompt_tokens)
         terms = estimate(cfg)
     except (ConfigError, ValueError) as exc:
