@@ -1,0 +1,311 @@
+"""PairGRPO on DiMOO: the Janus engine's step (engine/trainer.py) with DiMOO's rollouts and scoring.
+
+    world = ToyDimooWorld.build(pairs, data_root); model = world.tiny_model(seed=0)
+    cfg = DimooGRPOConfig(group_size=8)
+    batch = make_batch(model, world, pairs, cfg, seed=0, step=1)      # rollouts, rewards, advantages (no grad)
+    metrics = update(model, optimizer, world, batch, cfg)                # mu optimizer steps
+    # or: metrics = train_step(model, optimizer, world, pairs, cfg, seed=0, step=1)
+
+The same ops as the Janus engine, in the same order (engine/trainer.py `make_batch`, `backward`):
+1. rollouts: per pair, G answers (`sampler.sample_text` over the toy text slice) and G images
+   (`sampler.sample_image`, CFG with the `<uncondition>` row, over the codebook slice); the G rows of one prompt
+   are one call, so they are batched without padding and each row is the same at batch 1 and G.
+2. rewards: understanding = the toy world's answer check on the decoded answer; generation = its pixel reward
+   on the painter VQ's image (engine/dimoo/toyworld.py).
+3. advantages: `pairuni_kernels.group_advantages` per (task, pair) group of G rows, times
+   `pair_weights(similarity, aligned)` (1 aligned, sqrt(s) retrieved) of the row's pair.
+4. update, `mu` inner epochs, each one optimizer step: the loss is
+       understanding_weight * L_und + generation_weight * L_gen,
+       L_task = `fused_linear_policy_loss` over all of the task's rows and tokens of the batch,
+   with the fused head = the model's output projection restricted to the task's slice (text ids [0, n) or the
+   image codes) applied to the guided hidden states `cfg_mix(h_c, h_u, 1 + w)` at each token's scoring state
+   (scoring.head_inputs; the head is linear, so these give exactly the sampler's guided logits), old log-probs
+   = the sampler's (`DiffusionRollout.old_logp`), temperature = the sampler's.
+   Gradient per score group: for each pair's rollout, the steps are split into at most `score_groups` runs
+   (`scoring.score_plan`); each run is one forward (conditional + unconditional rows), its tokens' loss is
+   backpropagated at once, scaled by `loss_share(run mask, mode, den_task)` (engine/trainer.py's micro-batch
+   rule, here a run is the part), and its activations are freed before the next run's forward. So a step holds
+   ONE run's forward at a time (<= score_groups), and the accumulated gradient equals that of the one-shot loss
+   (tests/engine/dimoo/test_pairgrpo.py compares both, and both with a float64 re-computation).
+
+Loss aggregation: parts are runs of tokens, not whole rows, which `loss_share` splits exactly for "token-mean",
+"seq-mean-token-sum" and "seq-mean-token-sum-norm"; "seq-mean-token-mean" divides each row by its own count
+and is refused (one-line ValueError), as is sequence-level importance sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from pairuni_kernels import fused_linear_policy_loss, group_advantages, pair_weights
+from pairuni_kernels.policy_loss import loss_denominator, loss_share
+from pairuni_kernels.reference import cfg_mix
+
+from ..rollout import rollout_seeds
+from .sampler import REVEAL_ORDERS, DiffusionRollout, model_logits_fn, sample_image, sample_text
+from .scoring import _branches, _group_rows, model_hidden_fn, score_plan
+
+TASKS = ("understanding", "generation")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class DimooGRPOConfig:
+    """Knobs of the DiMOO PairGRPO step (names as the engine's config where one exists).
+
+    group_size: G rollouts per prompt; mu: inner epochs (optimizer steps per batch); score_groups: forwards per
+    rollout in the update (None: one per step, exact); image_steps / text_steps / block_length: the samplers';
+    cfg_scale: image CFG w (guided (1 + w) c - w u); image_temperature / text_temperature: sampling temperatures
+    (> 0 for RL); order: reveal order ("random": exact ratio; "confidence": DiMOO's, approximate);
+    epsilon_low / epsilon_high: clip range; loss_agg_mode: one of LOSS_AGG_MODES; understanding_weight /
+    generation_weight: task loss weights (0 = the task does not train); use_pair_weights, pair_weighting:
+    `pair_weights`; advantage_eps: `group_advantages`' eps; max_grad_norm: clip (None: no clipping)."""
+
+    group_size: int = 8
+    mu: int = 1
+    score_groups: int | None = None
+    image_steps: int = 4
+    text_steps: int = 2
+    block_length: int = 2
+    cfg_scale: float = 1.0
+    image_temperature: float = 1.0
+    text_temperature: float = 1.0
+    order: str = "random"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_agg_mode: str = "token-mean"
+    understanding_weight: float = 1.0
+    generation_weight: float = 1.0
+    use_pair_weights: bool = True
+    pair_weighting: str = "sqrt"
+    advantage_eps: float = 1e-6
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        for name in ("group_size", "mu", "image_steps", "text_steps", "block_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if self.score_groups is not None and (isinstance(self.score_groups, bool)
+                                              or not isinstance(self.score_groups, int) or self.score_groups < 1):
+            raise ValueError(f"score_groups: expected None or an int >= 1, got {self.score_groups!r}")
+        if self.order not in REVEAL_ORDERS:
+            raise ValueError(f"order: expected one of {REVEAL_ORDERS}, got {self.order!r}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES} (runs of tokens are the parts; "
+                             f"seq-mean-token-mean needs whole rows), got {self.loss_agg_mode!r}")
+        for name in ("image_temperature", "text_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0 (RL needs sampled, scored tokens), got {getattr(self, name)}")
+        for name in ("understanding_weight", "generation_weight", "epsilon_low", "epsilon_high"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: expected a finite float >= 0, got {v!r}")
+
+    def replace(self, **changes) -> DimooGRPOConfig:
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - known)
+        if bad:
+            raise ValueError(f"changes: unknown keys {bad}")
+        return DimooGRPOConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+
+@dataclass
+class TaskBatch:
+    """One task's rollouts of a step: P pairs x G rows.
+
+    rollouts: P DiffusionRollouts, rollout p holds rows p*G .. p*G+G-1 (each [G, L_p], positions [T]).
+    rewards, advantages: [P * G] float32, row p*G + g = rollout p's sample g.
+    outputs: the decoded answers (understanding, list of P*G str) or images ([P*G, 3, S, S])."""
+
+    rollouts: list[DiffusionRollout]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    outputs: object
+
+
+@dataclass
+class DimooBatch:
+    """Rollouts, rewards and advantages of one step's pairs, both tasks."""
+
+    pairs: list
+    und: TaskBatch
+    gen: TaskBatch
+
+    def task(self, name: str) -> TaskBatch:
+        return self.und if name == "understanding" else self.gen
+
+
+# ----------------------------------------------------------------------------- rollouts
+def task_head(model, world, task: str) -> slice:
+    """The vocabulary slice of `task`'s head: the toy text ids (understanding) or the image codes (generation)."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    return world.text_slice if task == "understanding" else model.ids.image_slice
+
+
+@torch.no_grad()
+def rollout_understanding(model, world, sample, seeds: torch.Tensor, cfg: DimooGRPOConfig) -> DiffusionRollout:
+    """G = len(seeds) answers to `sample`'s question about its image: one `sample_text` call, rows [G, L]."""
+    start, positions = world.understanding_rows(sample.question, world.load_image(sample))
+    return sample_text(model_logits_fn(model, world.text_slice), start, positions, seeds=seeds,
+                       steps=cfg.text_steps, block_length=cfg.block_length, mask_id=model.ids.mask, vocab_offset=0,
+                       temperature=cfg.text_temperature, order=cfg.order)
+
+
+@torch.no_grad()
+def rollout_generation(model, world, sample, seeds: torch.Tensor, cfg: DimooGRPOConfig) -> DiffusionRollout:
+    """G = len(seeds) images of `sample`'s caption: one `sample_image` call (CFG rows alongside), rows [G, L]."""
+    start, uncond, positions = world.generation_rows(sample.prompt)
+    ids = model.ids
+    return sample_image(model_logits_fn(model, ids.image_slice), start, positions, seeds=seeds,
+                        steps=cfg.image_steps, mask_id=ids.mask, vocab_offset=ids.image_offset,
+                        uncond_start=uncond if cfg.cfg_scale != 0 else None, cfg_scale=cfg.cfg_scale,
+                        temperature=cfg.image_temperature, order=cfg.order)
+
+
+def pair_advantages(rewards: torch.Tensor, pairs: list, cfg: DimooGRPOConfig) -> torch.Tensor:
+    """[P * G] rewards (row p*G + g) -> [P * G] float32 advantages: `group_advantages` per pair's G rows, times
+    the pair's `pair_weights` (aligned 1, retrieved sqrt(similarity)) when cfg.use_pair_weights."""
+    g = cfg.group_size
+    if rewards.shape != (len(pairs) * g,):
+        raise ValueError(f"rewards: expected shape [{len(pairs) * g}] (pairs x group_size), got {tuple(rewards.shape)}")
+    group_ids = torch.arange(len(pairs)).repeat_interleave(g)
+    weights = None
+    if cfg.use_pair_weights:
+        sim = torch.tensor([p.similarity for p in pairs], dtype=torch.float32)
+        aligned = torch.tensor([p.aligned for p in pairs], dtype=torch.bool)
+        weights = pair_weights(sim, aligned, weighting=cfg.pair_weighting)[group_ids]
+    return group_advantages(rewards, group_ids, weights=weights, eps=cfg.advantage_eps)
+
+
+@torch.no_grad()
+def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int) -> DimooBatch:
+    """Rollouts (seeds: `engine.rollout.rollout_seeds(seed, step, task, P * G)`), rewards and advantages."""
+    g = cfg.group_size
+    was_training = model.training
+    model.eval()
+    out = {}
+    for task in TASKS:
+        seeds = rollout_seeds(seed, step, task, len(pairs) * g)
+        halves = [p.understand if task == "understanding" else p.generate for p in pairs]
+        fn = rollout_understanding if task == "understanding" else rollout_generation
+        ros = [fn(model, world, s, seeds[i * g:(i + 1) * g], cfg) for i, s in enumerate(halves)]
+        samples = [s for s in halves for _ in range(g)]
+        if task == "understanding":
+            outputs = [world.decode_text(row) for ro in ros for row in ro.targets()]
+            rewards = world.understanding_rewards(samples, outputs)
+        else:
+            codes = torch.cat([ro.targets().view(-1, world.grid, world.grid) for ro in ros])
+            outputs = world.decode_images(codes)
+            rewards = world.generation_rewards(samples, outputs)
+        out[task] = TaskBatch(ros, rewards, pair_advantages(rewards, pairs, cfg), outputs)
+    model.train(was_training)
+    return DimooBatch(pairs, out["understanding"], out["generation"])
+
+
+# ----------------------------------------------------------------------------- the loss
+def task_denominator(task: TaskBatch, cfg: DimooGRPOConfig) -> torch.Tensor:
+    """0-d float32 `loss_denominator` of the task's full [P * G, T] token mask (every revealed token)."""
+    return loss_denominator(torch.cat([ro.step_map >= 0 for ro in task.rollouts]), cfg.loss_agg_mode)
+
+
+def run_loss(model, world, task_name: str, ro: DiffusionRollout, advantages: torch.Tensor, run: list[int],
+             cfg: DimooGRPOConfig):
+    """(PolicyLossOutput of the tokens revealed in `run` (a list of steps, scored at the state of its first),
+    its mask [G, T]). One guided forward; advantages: [G] of the rollout's rows."""
+    step, b_idx, p_idx, member = _group_rows(ro, run)
+    hc, hu = _branches(model_hidden_fn(model), ro, step, b_idx, p_idx, "hidden_fn")
+    h = hc if hu is None else cfg_mix(hc, hu, ro.guidance_scale)
+    g, t = ro.step_map.shape
+    hidden = h.new_zeros(g, t, h.shape[-1]).index_put((b_idx, p_idx), h)  # masked rows are never read
+    out = fused_linear_policy_loss(hidden, model.head_weight(task_head(model, world, task_name)), ro.targets(),
+                                   ro.old_logp.to(hidden.device), advantages.to(hidden.device), member,
+                                   temperature=ro.scoring_temperature, epsilon_low=cfg.epsilon_low,
+                                   epsilon_high=cfg.epsilon_high, loss_agg_mode=cfg.loss_agg_mode)
+    return out, member
+
+
+def task_weights(cfg: DimooGRPOConfig) -> list[tuple[str, float]]:
+    """(task, loss weight) of the tasks that train (weight > 0), understanding first (as the engine)."""
+    return [(t, w) for t, w in zip(TASKS, (cfg.understanding_weight, cfg.generation_weight)) if w > 0]
+
+
+def backward(model, world, batch: DimooBatch, cfg: DimooGRPOConfig, *, on_run=None) -> dict:
+    """Accumulate the gradient of sum_task weight_task * L_task, one score run (forward + backward) at a time.
+
+    Returns {task: (loss, clip_fraction, ratio_mean)} of the full task batch (share-weighted sums of the runs').
+    on_run: called after each run's backward (tests count live activations there)."""
+    sums = {}
+    for task, w in task_weights(cfg):
+        tb = batch.task(task)
+        den = task_denominator(tb, cfg)
+        acc = torch.zeros(3, dtype=torch.float64)
+        g = cfg.group_size
+        for i, ro in enumerate(tb.rollouts):
+            adv = tb.advantages[i * g:(i + 1) * g]
+            for run in score_plan(ro, cfg.score_groups):
+                out, member = run_loss(model, world, task, ro, adv, run, cfg)
+                share = loss_share(member, cfg.loss_agg_mode, den.to(out.loss.dtype))  # fp64 model: fp64 share
+                (w * share * out.loss).backward()
+                acc += share.double().cpu() * torch.stack([out.loss, out.clip_fraction, out.ratio_mean]).detach() \
+                    .double().cpu()
+                del out
+                if on_run is not None:
+                    on_run()
+        sums[task] = tuple(acc.tolist())
+    return sums
+
+
+def one_shot_loss(model, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> torch.Tensor:
+    """The same objective as `backward` built as ONE differentiable scalar (every run's forward alive at once);
+    for tests and small batches only."""
+    total = 0.0
+    for task, w in task_weights(cfg):
+        tb = batch.task(task)
+        den = task_denominator(tb, cfg)
+        g = cfg.group_size
+        for i, ro in enumerate(tb.rollouts):
+            for run in score_plan(ro, cfg.score_groups):
+                out, member = run_loss(model, world, task, ro, tb.advantages[i * g:(i + 1) * g], run, cfg)
+                total = total + w * loss_share(member, cfg.loss_agg_mode, den.to(out.loss.dtype)) * out.loss
+    return total
+
+
+def update(model, optimizer, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> dict:
+    """mu optimizer steps on one batch (engine/trainer.py `update`); a non-finite loss or gradient norm skips
+    that step. Returns the last inner epoch's metrics: loss.*, clip_fraction.*, ratio_mean.*, grad_norm."""
+    metrics, skipped = {}, 0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(cfg.mu):
+        optimizer.zero_grad()
+        sums = backward(model, world, batch, cfg)
+        if cfg.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        metrics = {"grad_norm": norm}
+        for task, (loss, clip, ratio) in sums.items():
+            metrics.update({f"loss.{task}": loss, f"clip_fraction.{task}": clip, f"ratio_mean.{task}": ratio})
+        if all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss.", "grad_norm"))):
+            optimizer.step()
+        else:
+            optimizer.zero_grad()
+            skipped += 1
+    model.eval()
+    if skipped:
+        metrics["skipped_updates"] = skipped
+    return metrics
+
+
+def train_step(model, optimizer, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int) -> dict:
+    """One PairGRPO step on `pairs`: make_batch then update; returns the metrics row (rewards included)."""
+    batch = make_batch(model, world, pairs, cfg, seed=seed, step=step)
+    row = {"step": step, "reward.understanding": float(batch.und.rewards.mean()),
+           "reward.generation": float(batch.gen.rewards.mean())}
+    row.update(update(model, optimizer, world, batch, cfg))
+    return row
