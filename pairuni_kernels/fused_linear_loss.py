@@ -53,7 +53,14 @@ from .chunked_head import (
     loss_pieces,
 )
 from .linear_logprobs import _check_head, linear_logprobs_fwd
-from .policy_loss import clipped_policy_loss, clipped_policy_loss_and_grad, loss_denominator, loss_share
+from .policy_loss import (
+    _TYPE_KNOB_NAMES,
+    _op_knobs,
+    clipped_policy_loss,
+    clipped_policy_loss_and_grad,
+    loss_denominator,
+    loss_share,
+)
 from .reference import PolicyLossOutput, compute_dtype
 
 #: With sequence-level ratios the fused loss's chunks hold whole sequences; it computes each chunk's
@@ -62,10 +69,29 @@ from .reference import PolicyLossOutput, compute_dtype
 SINGLE_PASS_MAX_ELEMENTS = 1 << 26
 
 
+def _whole_rows(importance_sampling_level: str, loss_type: str) -> bool:
+    """Whether a token's loss needs its whole row (sequence ratios, vespo / geo_mean row terms)."""
+    return importance_sampling_level != "token" or loss_type in ref.ROW_COUPLED_LOSS_TYPES
+
+
 # ============================================================================ chunk loop
-def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature,
-                     epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
-                     importance_sampling_level, chunk_size, accum_fp32, need_hidden, need_weight, need_bias):
+def _entropy_weights(mask, entropy_mask, entropy_agg_mode, dt) -> torch.Tensor:
+    """[N, T] d agg(entropy) / d entropy_t of the entropy bonus (`reference.clipped_policy_loss`): the bonus is
+    linear in the entropies, so its weights depend on the masks alone."""
+    em = mask != 0 if entropy_mask is None else (mask != 0) & (entropy_mask != 0)
+    w = em.to(dt)
+    count = w.sum(-1, keepdim=True)
+    if entropy_agg_mode == "token-mean":
+        return w / count.sum().clamp(min=1)
+    if entropy_agg_mode == "seq-mean-token-mean":
+        return w / count.clamp(min=1) / (count > 0).sum().clamp(min=1)
+    return w / (mask.shape[0] if entropy_agg_mode == "seq-mean-token-sum" else mask.shape[1])
+
+
+def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, selected, entropy_mask,
+                     temperature, epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
+                     importance_sampling_level, loss_type, kl_ratio_correction, type_knobs, entropy_coef,
+                     entropy_agg_mode, compute_entropy, chunk_size, accum_fp32, need_hidden, need_weight, need_bias):
     """One pass over chunks of tokens: each chunk's logits once, its log-probs, its loss terms and
     d loss / d logp from the policy-loss op on the rows it touches, then d logits in place and the three
     gradients. hidden: [N*T, H], targets: [N*T] (masked tokens are skipped: never read).
@@ -98,20 +124,27 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
     accum_fp32 = accum_fp32 and need_weight and weight.dtype not in (torch.float32, torch.float64)
     grad_weight_acc = torch.zeros_like(weight, dtype=torch.float32) if accum_fp32 else grad_weight
     grad_bias_acc = torch.zeros(vocab, dtype=dt, device=dev) if need_bias else None
-    sums = torch.zeros(4, dtype=out_dt, device=dev)  # loss, clip_fraction, kl, ratio_mean
+    sums = torch.zeros(5, dtype=out_dt, device=dev)  # loss, clip_fraction, kl, ratio_mean, entropy
     den_total = loss_denominator(mask, loss_agg_mode).to(out_dt)
     need_grad = need_hidden or need_weight or need_bias
-    sequence_level = importance_sampling_level == "sequence"
-    split_rows = not sequence_level and loss_agg_mode == "seq-mean-token-mean"
+    whole_rows = _whole_rows(importance_sampling_level, loss_type)
+    split_rows = not whole_rows and loss_agg_mode == "seq-mean-token-mean"
+    with_entropy = compute_entropy or entropy_coef != 0
+    if with_entropy:  # the bonus's d loss / d entropy per token, and the entropy metric's 1 / token count
+        ent_grad = (-entropy_coef * _entropy_weights(mask, entropy_mask, entropy_agg_mode, out_dt)).reshape(n_tok)
+        ent_grad = ent_grad if row_index is None else ent_grad.index_select(0, row_index)
+        ent_metric = 1.0 / max(total, 1)
     chunks = fused_chunks(row_tokens, chunk_size or fused_chunk_tokens(vocab, hidden_dim, hidden.dtype, dev),
-                          whole_rows=sequence_level)
+                          whole_rows=whole_rows)
     buf = torch.empty(max((c1 - c0 for c0, c1 in chunks), default=0) * vocab, dtype=hidden.dtype, device=dev)
     inv_temp = 1.0 / temperature
     stats_step = _stats_triton if fast else _stats_torch
     dlogits_step = _dlogits_triton if fast else _dlogits_torch
     knobs = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "dual_clip_c": dual_clip_c, "beta": beta,
              "kl_estimator": kl_estimator, "loss_agg_mode": loss_agg_mode,
-             "importance_sampling_level": importance_sampling_level}
+             "importance_sampling_level": importance_sampling_level, "loss_type": loss_type,
+             "kl_ratio_correction": kl_ratio_correction, **dict(zip(_TYPE_KNOB_NAMES, type_knobs))}
+    knobs["dro_beta"] = knobs["dro_beta"] or None  # the op's 0 stands for None
     for c0, c1 in chunks:
         m = c1 - c0
         sel = slice(c0, c1) if row_index is None else row_index[c0:c1]
@@ -121,10 +154,16 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
         mx = torch.full((m,), float("-inf"), dtype=dt, device=dev)
         sm = torch.zeros(m, dtype=dt, device=dev)
         tgt = torch.zeros(m, dtype=dt, device=dev)
+        ent = torch.zeros(m, dtype=dt, device=dev) if with_entropy else tgt
         chunk = _Chunk(logits, tg[c0:c1], bias, 0, inv_temp)
-        stats_step(chunk, mx, sm, tgt, tgt, False, preserve=True)  # the logits are reused for the gradient
+        stats_step(chunk, mx, sm, tgt, ent, with_entropy, preserve=True)  # the logits are reused for the gradient
         lse = mx + torch.log(sm)
         logp = (tgt - lse).to(out_dt)
+        if with_entropy:
+            ent = torch.log(sm) - ent / sm  # each token's entropy
+            g_ent = ent_grad[c0:c1]
+            sums += torch.stack([(g_ent * ent.to(out_dt)).sum(), *(sums[:0].new_zeros(3)),
+                                 ent.to(out_dt).sum() * ent_metric])
         g = torch.empty(m, dtype=out_dt, device=dev)  # d loss / d logp of the chunk's tokens
         for s0, s1, p0, p1 in loss_pieces(starts, c0, c1, split_rows=split_rows):
             rows = slice(s0, s1)
@@ -138,15 +177,18 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
             out, dlp = clipped_policy_loss_and_grad(
                 piece_lp, old_logp[rows], advantages[rows], piece_mask,
                 ref_logp=None if ref_logp is None else ref_logp[rows], grad_scale=share if need_grad else None,
-                **knobs)
+                selected=None if selected is None else selected[rows], **knobs)
             token_share = (p1 - p0) / total  # the metrics are token means
             sums += torch.stack([out.loss * share, out.clip_fraction * token_share, out.kl * token_share,
-                                 out.ratio_mean * token_share]).to(out_dt)
+                                 out.ratio_mean * token_share, out.entropy * 0]).to(out_dt)
             if need_grad:
                 g[p0 - c0:p1 - c0] = dlp.reshape(-1).index_select(0, pos)
         if not need_grad:
             continue
-        dlogits_step(chunk, lse, g.to(dt), None, None)
+        if with_entropy:
+            dlogits_step(chunk, lse, g.to(dt), g_ent.to(dt), ent)
+        else:
+            dlogits_step(chunk, lse, g.to(dt), None, None)
         if need_hidden:
             if row_index is None:
                 torch.mm(logits, weight, out=grad_hidden[sel])
@@ -171,23 +213,29 @@ def _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, 
 def fused_linear_policy_loss_fwd(
         hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
         old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None,
+        selected: torch.Tensor | None, entropy_mask: torch.Tensor | None,
         temperature: float, epsilon_low: float, epsilon_high: float, dual_clip_c: float | None, beta: float,
-        kl_estimator: str, loss_agg_mode: str, importance_sampling_level: str, chunk_size: int, accum_fp32: bool,
-        need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, clip_fraction, kl, ratio_mean, grad_hidden, grad_weight, grad_bias); the gradients are
-    those of `loss` (empty when not needed), computed in this same pass."""
-    return _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature,
-                            epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
-                            importance_sampling_level, chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
+        kl_estimator: str, loss_agg_mode: str, importance_sampling_level: str, loss_type: str,
+        kl_ratio_correction: bool, type_knobs: list[float], entropy_coef: float, entropy_agg_mode: str,
+        compute_entropy: bool, chunk_size: int, accum_fp32: bool, need_hidden: bool, need_weight: bool,
+        need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(loss, clip_fraction, kl, ratio_mean, entropy, grad_hidden, grad_weight, grad_bias); the gradients are
+    those of `loss` (empty when not needed), computed in this same pass. type_knobs: the values of
+    `policy_loss._TYPE_KNOB_NAMES` (divergences resolved, dro_beta 0 = None)."""
+    return _fused_loss_impl(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, selected,
+                            entropy_mask, temperature, epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator,
+                            loss_agg_mode, importance_sampling_level, loss_type, kl_ratio_correction, type_knobs,
+                            entropy_coef, entropy_agg_mode, compute_entropy, chunk_size, accum_fp32, need_hidden,
+                            need_weight, need_bias)
 
 
 @fused_linear_policy_loss_fwd.register_fake
-def _(hidden, weight, targets, bias, old_logp, advantages, mask, ref_logp, temperature, epsilon_low, epsilon_high,
-      dual_clip_c, beta, kl_estimator, loss_agg_mode, importance_sampling_level, chunk_size, accum_fp32,
-      need_hidden, need_weight, need_bias):
+def _(hidden, weight, targets, bias, *args):
+    need_hidden, need_weight, need_bias = args[-3:]
     dt = compute_dtype(hidden.dtype)
-    scalars = [hidden.new_empty((), dtype=dt) for _ in range(4)]
+    scalars = [hidden.new_empty((), dtype=dt) for _ in range(5)]
     return (*scalars, torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
             torch.empty_like(bias) if need_bias else hidden.new_empty(0))
@@ -198,7 +246,7 @@ def _fused_setup_context(ctx, inputs, output):
     # zero tensor of each of their shapes (a [V, H] allocation for nothing)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output[4:])
+    ctx.save_for_backward(*output[5:])
     ctx.has_bias = inputs[3] is not None
 
 
@@ -227,8 +275,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
                              epsilon_high: float = 0.2, dual_clip_c: float | None = None, beta: float = 0.0,
                              kl_estimator: str = "k3", loss_agg_mode: str = "token-mean",
                              importance_sampling_level: str = "token", chunk_size: int | None = None,
-                             vocab_chunk_size: int | None = None,
-                             accum_dtype: torch.dtype | None = None) -> PolicyLossOutput:
+                             vocab_chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
+                             compute_entropy: bool = False, **loss_type_knobs) -> PolicyLossOutput:
     """The clipped policy loss of a linear head's token log-probs, without [N*T, V] logits.
 
     Equals `clipped_policy_loss(linear_logprobs(hidden.flatten(0, 1), weight, targets.flatten(),
@@ -249,13 +297,16 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         hidden:     [N, T, H] float; differentiable.
         weight:     [V, H], same dtype as hidden; differentiable.
         targets:    [N, T] int, token ids in [0, V) where mask is set.
-        old_logp, advantages ([N] or [N, T]), mask, ref_logp and the loss knobs: as in
-                    `clipped_policy_loss`.
+        old_logp, advantages ([N] or [N, T]), mask, ref_logp and the loss knobs (loss_type and the rest of
+                    `reference.LOSS_TYPE_DEFAULTS`): as in `clipped_policy_loss`, except `entropy`: the head
+                    computes each token's entropy itself when entropy_coef != 0 or compute_entropy, and folds
+                    the bonus's gradient into d logits (entropy_mask, entropy_agg_mode as there).
         bias, temperature, vocab_chunk_size, accum_dtype: as in `linear_logprobs`.
         chunk_size: tokens per chunk (sequence level: rounded down to whole sequences, at least
                     one); default `fused_chunk_tokens`.
+        compute_entropy: report the entropy metric even when entropy_coef is 0.
     Returns:
-        PolicyLossOutput(loss, clip_fraction, kl, ratio_mean); loss differentiable in hidden,
+        PolicyLossOutput(loss, clip_fraction, kl, ratio_mean, entropy); loss differentiable in hidden,
         weight and bias.
     """
     check_tensor("hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES)
@@ -269,28 +320,39 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
     if n == 0 or t == 0:
         raise ValueError(f"hidden: expected a non-empty [N, T, H] tensor, got shape {tuple(hidden.shape)}")
     # old_logp stands in for logp: it was just checked to have logp's shape, device and dtype family
-    ref.validate_policy_loss_inputs(
-        old_logp, old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator,
-        loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level)
+    unknown = set(loss_type_knobs) - set(ref.LOSS_TYPE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"fused_linear_policy_loss() got unexpected keyword arguments {sorted(unknown)}")
+    if not isinstance(compute_entropy, bool):
+        raise ValueError(f"compute_entropy: expected a bool, got {compute_entropy!r}")
+    ppo = dict(ref_logp=ref_logp, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip_c=dual_clip_c,
+               beta=beta, kl_estimator=kl_estimator, loss_agg_mode=loss_agg_mode,
+               importance_sampling_level=importance_sampling_level)
+    ref.validate_policy_loss_inputs(old_logp, old_logp, advantages, mask, **ppo, **loss_type_knobs,
+                                    entropy_in_head=True)
+    kw = {**ref.LOSS_TYPE_DEFAULTS, **loss_type_knobs}
+    with_entropy = compute_entropy or kw["entropy_coef"] != 0
     vocab, hidden_dim = weight.shape
     whole_rows_fit = t * (vocab + hidden_dim) <= SINGLE_PASS_MAX_ELEMENTS
-    if vocab_chunk_size is None and (importance_sampling_level == "token" or whole_rows_fit):
+    if vocab_chunk_size is None and (not _whole_rows(importance_sampling_level, kw["loss_type"]) or whole_rows_fit):
         grad_on = torch.is_grad_enabled()
         need = [grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
-        loss, clip_fraction, kl, ratio_mean, _, _, _ = fused_linear_policy_loss_fwd(
+        k = _op_knobs(epsilon_low, epsilon_high, dual_clip_c, beta, kl_estimator, loss_agg_mode,
+                      importance_sampling_level, **loss_type_knobs)
+        out = fused_linear_policy_loss_fwd(
             hidden.reshape(n * t, hidden_dim), weight, targets.reshape(n * t), bias, old_logp, advantages, mask,
-            ref_logp, float(temperature), float(epsilon_low), float(epsilon_high),
-            None if dual_clip_c is None else float(dual_clip_c), float(beta), kl_estimator, loss_agg_mode,
-            importance_sampling_level, chunk_size or 0, accum_dtype == torch.float32, *need)
-        return PolicyLossOutput(loss, clip_fraction, kl, ratio_mean)
+            ref_logp, kw["selected"], kw["entropy_mask"], float(temperature), float(epsilon_low),
+            float(epsilon_high), None if dual_clip_c is None else float(dual_clip_c), float(beta), kl_estimator,
+            loss_agg_mode, importance_sampling_level, kw["loss_type"], bool(kw["kl_ratio_correction"]),
+            list(k.type_knobs), float(kw["entropy_coef"]), kw["entropy_agg_mode"], compute_entropy, chunk_size or 0,
+            accum_dtype == torch.float32, *need)
+        return PolicyLossOutput(*out[:5])
     # sequence-level ratios of rows too long for one chunk (or a vocabulary split asked for): logp chunk by
     # chunk, the loss on [N, T], then the gradient chunk by chunk in backward (logits computed twice)
     row_mask = (mask != 0).reshape(n * t)
-    logp, _, _ = linear_logprobs_fwd(hidden.reshape(n * t, hidden.shape[2]), weight, targets.reshape(n * t),
-                                     bias, row_mask, float(temperature), False, chunk_size or 0,
-                                     vocab_chunk_size or 0, accum_dtype == torch.float32)
-    return clipped_policy_loss(
-        logp.view(n, t), old_logp, advantages, mask, ref_logp=ref_logp, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, dual_clip_c=dual_clip_c, beta=beta, kl_estimator=kl_estimator,
-        loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level)
+    logp, entropy, _ = linear_logprobs_fwd(hidden.reshape(n * t, hidden.shape[2]), weight, targets.reshape(n * t),
+                                           bias, row_mask, float(temperature), with_entropy, chunk_size or 0,
+                                           vocab_chunk_size or 0, accum_dtype == torch.float32)
+    if with_entropy:
+        loss_type_knobs = {**loss_type_knobs, "entropy": entropy.view(n, t)}
+    return clipped_policy_loss(logp.view(n, t), old_logp, advantages, mask, **ppo, **loss_type_knobs)

@@ -142,3 +142,17 @@ def test_cuda_millions_of_rewards():
     w = torch.rand(n, device="cuda")
     out = group_advantages(r, ids, weights=w)
     assert _rel_err(out, reference.group_advantages(r.double(), ids, weights=w.double())) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
+def test_explicit_grpo_estimator_is_the_default(request, backend, gen, device):
+    """estimator="grpo" (lengths given or not) is today's default path, bit for bit."""
+    request.getfixturevalue(backend)
+    r = (torch.randn(40, generator=gen) * 3 + 1).to(device)
+    ids = torch.randint(0, 9, (40,), generator=gen).to(device)
+    w = torch.rand(40, generator=gen).to(device)
+    for scale in reference.ADVANTAGE_SCALES:
+        default = group_advantages(r, ids, weights=w, scale=scale)
+        assert torch.equal(group_advantages(r, ids, weights=w, scale=scale, estimator="grpo"), default)
+        assert torch.equal(group_advantages(r, ids, weights=w, scale=scale, estimator="grpo",
+                                            lengths=torch.ones(40, device=device)), default)

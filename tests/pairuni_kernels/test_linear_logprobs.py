@@ -402,8 +402,9 @@ def test_fused_one_pass_computes_logits_once(gen, reference_backend):
     hd, w = inputs["hidden"].float().flatten(0, 1), inputs["weight"].float()
     with Spy():
         FL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
-                            inputs["advantages"].float(), inputs["mask"], None, 1.0, 0.2, 0.2, None, 0.0, "k3",
-                            "token-mean", "token", 2 * t, False, True, True, False)
+                            inputs["advantages"].float(), inputs["mask"], None, None, None, 1.0, 0.2, 0.2, None, 0.0,
+                            "k3", "token-mean", "token", "ppo", False, TYPE_KNOBS, 0.0, "token-mean", False, 2 * t,
+                            False, True, True, False)
     logits_mm = [s for f, s in shapes if f is torch.ops.aten.mm.out or f is torch.ops.aten.mm.default
                  if s[-1] == v]
     assert logits_mm == [(2 * t, v)] * (n // 2)
@@ -497,10 +498,13 @@ def test_fused_loss_token_chunks_equal_one_chunk_and_reference(gen, reference_ba
         _assert_close(grads, one_grads, atol=1e-13, rtol=1e-12, what=f"chunk {chunk} vs one chunk: grads")
 
 
-@pytest.mark.parametrize("level,want_rows", [("token", [5, 5, 5, 5, 3]), ("sequence", [5, 5, 4, 4, 5])])
-def test_fused_loss_chunks_hold_tokens_not_sequences(gen, reference_backend, level, want_rows):
+@pytest.mark.parametrize("level,loss_type,want_rows", [
+    ("token", "ppo", [5, 5, 5, 5, 3]), ("sequence", "ppo", [5, 5, 4, 4, 5]),
+    ("sequence_token", "sapo", [5, 5, 4, 4, 5]),
+    ("token", "vespo", [5, 5, 4, 4, 5]), ("token", "geo_mean", [5, 5, 4, 4, 5]), ("token", "gpg", [5, 5, 5, 5, 3])])
+def test_fused_loss_chunks_hold_tokens_not_sequences(gen, reference_backend, level, loss_type, want_rows):
     """Token-level chunks hold exactly chunk_size unmasked tokens whatever the rows (one logits matmul
-    each); sequence-level ones hold whole rows, as many as fit and at least one."""
+    each); sequence-level ones (and row-coupled loss types) hold whole rows, as many as fit and at least one."""
     n, t, h, v = 6, 8, 8, 40
     inputs = _loss_inputs(gen, n, t, h, v, empty_rows=())
     inputs["mask"][:] = False
@@ -518,8 +522,9 @@ def test_fused_loss_chunks_hold_tokens_not_sequences(gen, reference_backend, lev
     hd, w = inputs["hidden"].float().flatten(0, 1), inputs["weight"].float()
     with Spy():
         FL._fused_loss_impl(hd, w, inputs["targets"].flatten(), None, inputs["old_logp"].float(),
-                            inputs["advantages"].float(), inputs["mask"], None, 1.0, 0.2, 0.2, None, 0.0, "k3",
-                            "token-mean", level, 5, False, True, True, False)
+                            inputs["advantages"].float(), inputs["mask"], None, None, None, 1.0, 0.2, 0.2, None, 0.0,
+                            "k3", "token-mean", level, loss_type, False, TYPE_KNOBS, 0.0, "token-mean", False, 5,
+                            False, True, True, False)
     assert shapes == want_rows
 
 
@@ -603,6 +608,10 @@ def test_torch_compile_fullgraph(gen, reference_backend, path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+#: the op's type_knobs at their defaults (policy_loss._TYPE_KNOB_NAMES; divergences = the epsilons, dro_beta 0 = None)
+TYPE_KNOBS = [1.0, 1.05, 2.0, 3.0, 3.0, 2.0, 20.0, 0.2, 0.2, 0.0, 1.0]
+
+
 def test_opcheck(gen, reference_backend):
     hidden, weight, bias, targets = _head(gen, 6, 8, 20, dtype=torch.float32)
     hidden.requires_grad_()
@@ -613,8 +622,14 @@ def test_opcheck(gen, reference_backend):
                           test_utils=utils)
     old, adv = torch.randn(2, 3, generator=gen) - 3, torch.randn(2, generator=gen)
     torch.library.opcheck(FL.fused_linear_policy_loss_fwd,
-                          (hidden, weight, targets, bias, old, adv, mask.view(2, 3), None, 0.9, 0.2, 0.2, None, 0.0,
-                           "k3", "token-mean", "token", 3, False, True, True, False), test_utils=utils)
+                          (hidden, weight, targets, bias, old, adv, mask.view(2, 3), None, None, None, 0.9, 0.2, 0.2,
+                           None, 0.0, "k3", "token-mean", "token", "ppo", False, TYPE_KNOBS, 0.0, "token-mean", False,
+                           3, False, True, True, False), test_utils=utils)
+    sel = torch.tensor([[True, False, False], [False, False, True]])
+    torch.library.opcheck(FL.fused_linear_policy_loss_fwd,
+                          (hidden, weight, targets, bias, old, adv, mask.view(2, 3), None, sel, sel, 0.9, 0.2, 0.2,
+                           None, 0.0, "k3", "seq-mean-token-mean", "token", "clip_cov", False, TYPE_KNOBS, 0.1,
+                           "token-mean", True, 3, False, True, True, False), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------- bad inputs

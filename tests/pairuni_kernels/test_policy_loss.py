@@ -255,8 +255,14 @@ def test_bad_inputs_name_the_argument(request, gen, backend, change, match, devi
 # ----------------------------------------------------------------------------- torch.library
 def test_opcheck(triton_backend, gen, device):
     lp, old, adv, mask, ref_lp = make_inputs(gen, 4, 9, device=device)
-    for args in [(lp.requires_grad_(), old, adv, mask, None, 0.2, 0.2, 0.0, 0.0, 2, 0, False),
-                 (lp, old, torch.randn(4, 9, generator=gen).to(device), mask.float(), ref_lp, 0.1, 0.3, 3.0, 0.1, 2, 1, True)]:
+    knobs = [1.0, 1.05, 2.0, 3.0, 3.0, 2.0, 20.0, 0.2, 0.2, 0.0, 1.0]
+    sel = torch.rand(4, 9, generator=gen).to(device) > 0.7
+    ent = torch.rand(4, 9, generator=gen).to(device).requires_grad_()
+    for args in [(lp.requires_grad_(), old, adv, mask, None, None, None, None, 0.2, 0.2, 0.0, 0.0, 2, 0, 0, 0, False,
+                  knobs, 0.0, 0),
+                 (lp, old, torch.randn(4, 9, generator=gen).to(device), mask.float(), ref_lp, None, None, None, 0.1,
+                  0.3, 3.0, 0.1, 2, 1, 1, 0, False, knobs, 0.0, 0),
+                 (lp, old, adv, mask, ref_lp, sel, ent, mask, 0.2, 0.2, 0.0, 0.1, 2, 1, 0, 7, True, knobs, 0.05, 1)]:
         torch.library.opcheck(torch.ops.pairuni.clipped_policy_loss_fwd.default, args)
 
 
