@@ -22,8 +22,16 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 demo: $(STAMP)
 	$(BIN)/pairuni train train.on_existing=overwrite
 
-test: $(STAMP) cuda-build
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+# verl's own source (no dependencies: verl pins another transformers and pulls ray), so the verl drop-in's tests
+# compare with verl's core_algos.py itself, not only with our re-statements of it
+VERL_VERSION ?= 0.9.1
+VERL_SRC     := $(VENV)/verl-$(VERL_VERSION)
+$(VERL_SRC)/.done: | $(STAMP)
+	rm -rf $(VERL_SRC) && $(BIN)/python -m pip install -q --no-deps --target $(VERL_SRC) verl==$(VERL_VERSION)
+	touch $@
+
+test: $(STAMP) cuda-build $(VERL_SRC)/.done
+	PAIRUNI_VERL_SOURCE=$(abspath $(VERL_SRC)) $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
@@ -35,13 +43,15 @@ bench: $(STAMP)
 cuda-build:
 	$(PYTHON) csrc/check/cuda_build.py
 
-# bitsandbytes for the GPU machine (no network there; Python 3.12, x86-64): carried as wheels/, git-ignored.
+# bitsandbytes (and TRL) for the GPU machine (no network there; Python 3.12, x86-64): carried as wheels/, git-ignored.
 # Pinned: the GPU session installs the one wheel it finds (its needs, torch, numpy, packaging, are there).
 BNB_VERSION ?= 0.50.2
 wheels:
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		-d wheels bitsandbytes==$(BNB_VERSION)
+	# TRL 1.16 (pure Python) for the GPU session's side-by-side benchmark against TRL's fused head
+	$(BIN)/python -m pip download -q --no-deps -d wheels trl==1.16.0
 
 gpu-session-dry-run: $(STAMP)
 	$(BIN)/python benchmarks/gpu_session.py --dry-run --work /tmp/pairuni_session_dry --out /tmp/pairuni_out_dry

@@ -10,17 +10,12 @@ dual clip applied with `torch.where(A < 0, ...)`.
 The "real" cases run the same comparisons against verl's own functions: when `verl` imports, or
 when PAIRUNI_VERL_SOURCE names a directory made by `pip install --no-deps --target DIR
 verl==0.9.1` (verl's `core_algos.py` is then executed with its heavy imports stubbed, see
-`_core_algos_from_source`). Otherwise they are skipped.
+`load_verl_from_source` in conftest.py). Otherwise they are skipped. Every other loss mode and
+estimator: test_verl_losses.py, test_verl_advantages.py.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import os
-import pathlib
-import sys
-import types
 from collections import defaultdict
 from typing import ClassVar
 
@@ -120,68 +115,12 @@ def restated_compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, res
                   "actor/pg_clipfrac_lower": lower.item()}
 
 
-@functools.lru_cache(maxsize=1)
-def _core_algos_from_source(root: str):
-    """verl's own `core_algos.py` from an unpacked wheel (`pip install --no-deps --target DIR verl`).
-
-    verl's package import pulls ray, tensordict, omegaconf...; the policy loss, `agg_loss` and the GRPO
-    advantage need none of them, so those imports are stubbed while the file runs, and verl's real
-    `masked_sum` / `masked_mean` are taken from its `utils/torch_functional.py`. sys.modules is
-    restored afterwards; the loaded functions keep their own globals.
-    """
-    pkg = pathlib.Path(root) / "verl"
-    stubs = {
-        "omegaconf": {"DictConfig": dict},
-        "verl": {"__path__": []}, "verl.trainer": {"__path__": []}, "verl.trainer.ppo": {"__path__": []},
-        "verl.workers": {"__path__": []},
-        "verl.trainer.config": {"AlgoConfig": type("AlgoConfig", (), {})},
-        "verl.workers.config": {"ActorConfig": type("ActorConfig", (), {})},
-        "verl.utils": {"__path__": [], "as_torch_index": None, "group_mean_std": None},
-        "verl.utils.import_utils": {"deprecated": lambda *a, **k: (lambda fn: fn)},
-        "verl.utils.torch_functional": {"torch": torch},
-    }
-    saved = {name: sys.modules.get(name) for name in stubs}
-    try:
-        for name, attrs in stubs.items():
-            sys.modules[name] = types.ModuleType(name)
-            sys.modules[name].__dict__.update(attrs)
-        tree = ast.parse((pkg / "utils" / "torch_functional.py").read_text())
-        helpers = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("masked_sum", "masked_mean")]
-        exec(compile(ast.Module(body=helpers, type_ignores=[]), "torch_functional.py", "exec"),  # noqa: S102
-             sys.modules["verl.utils.torch_functional"].__dict__)
-        sys.modules["verl.utils"].torch_functional = sys.modules["verl.utils.torch_functional"]
-        path = pkg / "trainer" / "ppo" / "core_algos.py"
-        core = types.ModuleType("verl_core_algos")
-        core.__file__ = str(path)
-        exec(compile(path.read_text(), str(path), "exec"), core.__dict__)  # noqa: S102 - verl's own source
-        return core
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
-def _real_verl():
-    try:
-        from verl.trainer.ppo import core_algos
-        return core_algos
-    except ImportError:
-        pass
-    root = os.environ.get("PAIRUNI_VERL_SOURCE")
-    if not root:
-        pytest.skip("verl is not importable; set PAIRUNI_VERL_SOURCE to a `pip install --no-deps --target DIR "
-                    "verl==0.9.1` directory to compare with verl's own code")
-    return _core_algos_from_source(root)
-
-
 @pytest.fixture(params=["restated", "real"])
 def verl_impl(request):
     """(advantage fn, policy loss fn, agg_loss fn) of verl: re-stated here, or verl's own when installed."""
     if request.param == "restated":
         return restated_grpo_outcome_advantage, restated_compute_policy_loss, restated_agg_loss
-    core = _real_verl()
+    core = request.getfixturevalue("verl_real")
     return core.compute_grpo_outcome_advantage, core.compute_policy_loss, core.agg_loss
 
 
@@ -196,7 +135,11 @@ def _policy_inputs(gen, bs=7, t=13, dtype=torch.float64):
     mask = (torch.rand(bs, t, generator=gen) > 0.25).to(dtype)
     mask[2] = 0  # a fully masked response
     mask[0, :3] = 1
-    adv = torch.randn(bs, 1, generator=gen, dtype=dtype).expand(bs, t) * mask  # verl: scores * response_mask
+    scores = torch.randn(bs, 1, generator=gen, dtype=dtype)
+    scores[0], scores[1] = scores[0].abs() + 0.1, -scores[1].abs() - 0.1  # both signs, whatever the seed
+    mask[1, 1] = 1
+    logp[1, 1] = old[1, 1] + 1.5  # ratio 4.5 with A < 0: the dual clip binds (c = 3 or 1.5 below)
+    adv = scores.expand(bs, t) * mask  # verl: scores * response_mask
     return old, logp, adv.contiguous(), mask
 
 
