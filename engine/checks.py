@@ -1,7 +1,8 @@
 """One entry that checks a parsed config, `check(cfg)` (what `load_config` runs), before anything loads:
 
 - each value's range (`config.check_values`);
-- the rules between keys, each exported by the module that owns it (`check_config(cfg, world)`): `lora`,
+- the rules between keys, each exported by the module that owns it (`check_config(cfg, world)`): `algo`
+  (the `algo.` ranges, loss-type knobs and estimators, run through the kernels' own checks), `lora`,
   `policy` (image scoring), `rewards`, `optim`, `distributed` (torchrun), `run_start` (held-out pairs);
 - what the config needs of this machine (`check_environment`): the files and folders it names exist and
   can be read, the device exists, the packages it needs import. Nothing is written, moved or deleted
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import os
 
-from . import distributed, lora, optim, policy, preflight, rewards, run_start
+from . import algo, distributed, lora, optim, policy, preflight, rewards, run_start
 from .config import Config, ConfigError, check_values, require
 
-RULES = (lora.check_config, policy.check_config, rewards.check_config, optim.check_config,
+RULES = (algo.check_config, lora.check_config, policy.check_config, rewards.check_config, optim.check_config,
          distributed.check_config, run_start.check_config)
 _FROM_ENV = object()
 

@@ -4,10 +4,11 @@ YAML files and `key=value` overrides.
     cfg = load_config("configs/janus_pro_1b.yaml", ["rollout.group_size=4", "train.steps=10"])
 
 Parsing checks every key, type and choice; `load_config` then runs `engine.checks.check`: each value's
-range (`check_values`, here), the rules between keys (in the modules that own them) and the files a
-config names. Every failure is a `ConfigError` naming the key, before anything heavy loads. Nothing here
-writes to the disk: where a run starts (resume, an earlier run in run_dir) and how its pairs are split
-is `engine.run_start`. With no file, the defaults are the tiny demo run (`configs/tiny.yaml`).
+range (`check_values`, here; the `algo.` section, `AlgoConfig`, is engine/algo.py's), the rules between keys
+(in the modules that own them) and the files a config names. Every failure is a `ConfigError` naming the
+key, before anything heavy loads. Nothing here writes to the disk: where a run starts (resume, an earlier
+run in run_dir) and how its pairs are split is `engine.run_start`. With no file, the defaults are the tiny
+demo run (`configs/tiny.yaml`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Literal
 
 import yaml
 
-from pairuni_kernels.reference import KL_ESTIMATORS, LOSS_AGG_MODES, PAIR_WEIGHTINGS
+from .algo import AlgoConfig
 
 # ----------------------------------------------------------------------------- choices (each module's
 # tuple of names is derived from these: `engine.optim.OPTIMIZERS` is `typing.get_args(Optimizer)`)
@@ -34,9 +35,6 @@ TrainModule = Literal["language_model", "aligner", "generation_aligner", "genera
 LoraTarget = Literal["attention", "mlp", "generation_head", "lm_head"]
 LoraQuantize = Literal["none", "nf4"]
 ImageLogprob = Literal["cond", "cfg"]
-KlEstimator = Literal[KL_ESTIMATORS]
-LossAggMode = Literal[LOSS_AGG_MODES]
-PairWeighting = Literal[PAIR_WEIGHTINGS]
 Optimizer = Literal["adamw8bit", "adamw"]
 Update = Literal["round", "kahan", "stochastic_rounding"]
 OnExisting = Literal["refuse", "set_aside", "overwrite"]
@@ -153,33 +151,6 @@ class RewardConfig:
 
 
 @dataclass
-class AlgoConfig:
-    epsilon_low: float = 0.2
-    """PPO clip: ratio >= 1 - epsilon_low."""
-    epsilon_high: float = 0.2
-    """PPO clip: ratio <= 1 + epsilon_high."""
-    beta: float = 0.0
-    """KL coefficient; > 0 loads a frozen reference model (PairUni: 0)."""
-    kl_estimator: KlEstimator = "k3"
-    """k1 | k2 | k3."""
-    loss_agg_mode: LossAggMode = "token-mean"
-    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
-    mu: int = 2
-    """Inner epochs: optimizer steps on each rollout batch (1 is on-policy GRPO)."""
-    use_pair_weights: bool = True
-    """Multiply both halves' advantages by w_p (1 aligned, sqrt(s) retrieved); False: plain GRPO."""
-    pair_weighting: PairWeighting = "sqrt"
-    """w_p of a retrieved pair when use_pair_weights: sqrt (PairUni: sqrt(s)) | linear (s), the paper's
-    weighting ablation. Aligned pairs always weigh 1."""
-    advantage_eps: float = 1e-6
-    """Added to the group std before dividing."""
-    understanding_weight: float = 1.0
-    """Weight of the understanding loss in the summed loss."""
-    generation_weight: float = 1.0
-    """Weight of the generation loss in the summed loss."""
-
-
-@dataclass
 class OptimConfig:
     optimizer: Optimizer = "adamw8bit"
     """adamw8bit (bitsandbytes) | adamw (torch); see engine/optim.py."""
@@ -264,7 +235,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward functions."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    """PairGRPO loss."""
+    """PairGRPO objective: loss type, clips, KL, entropy, advantages (engine/algo.py)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -408,7 +379,7 @@ def require(cond: bool, key: str, expected: str, value) -> None:
 
 def check_values(cfg: Config) -> None:
     """Each value's own range (choices and types were checked while parsing); no rule between keys."""
-    m, d, r, a, o, t = cfg.model, cfg.data, cfg.rollout, cfg.algo, cfg.optim, cfg.train
+    m, d, r, o, t = cfg.model, cfg.data, cfg.rollout, cfg.optim, cfg.train
     require(m.path != "", "model.path", "a local directory or null (the tiny model)", m.path)
     for key, path in (("data.pairs_path", d.pairs_path), ("data.image_root", d.image_root), ("data.eval_pairs_path",
                       d.eval_pairs_path), ("reward.clip_path", cfg.reward.clip_path),
@@ -426,14 +397,6 @@ def check_values(cfg: Config) -> None:
     require(r.image_top_k >= 0, "rollout.image_top_k", "an integer >= 0", r.image_top_k)
     require(0 < r.image_top_p <= 1, "rollout.image_top_p", "a number in (0, 1]", r.image_top_p)
     require(r.max_batch >= 0, "rollout.max_batch", "an integer >= 0", r.max_batch)
-    require(0 <= a.epsilon_low <= 1, "algo.epsilon_low", "a number in [0, 1]", a.epsilon_low)
-    require(a.epsilon_high >= 0, "algo.epsilon_high", "a number >= 0", a.epsilon_high)
-    require(a.beta >= 0, "algo.beta", "a number >= 0", a.beta)
-    require(a.mu >= 1, "algo.mu", "an integer >= 1", a.mu)
-    require(a.advantage_eps >= 0, "algo.advantage_eps", "a number >= 0", a.advantage_eps)
-    require(a.understanding_weight >= 0 and a.generation_weight >= 0 and a.understanding_weight + a.generation_weight > 0,
-            "algo.understanding_weight/generation_weight", "weights >= 0, not both 0",
-            (a.understanding_weight, a.generation_weight))
     require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)

@@ -19,7 +19,9 @@ What is measured, per batch of P pairs (P = `pairs_per_batch`, default 1: one pa
   `PairGRPOTrainer.backward` weights them, `micro_batch_share`) at the FIRST inner step, where the policy is the rollout
   policy: ratio rho = 1 (up to the float difference between the rollout's incremental log-probs and
   the teacher-forced ones, recorded as `ratio_mean`; `clip_fraction` should be 0), so for token-mean
-      grad L_task = -(1 / #tokens) * sum_i A_i * sum_t mask_it * grad log pi(y_it).
+      grad L_task = -(1 / #tokens) * sum_i A_i * sum_t mask_it * grad log pi(y_it)
+  for the default `algo.loss_type=ppo` (other loss types are probed with their own gradient: the probe calls
+  `task_loss`, so it follows the configured loss).
   Task weights (`algo.*_weight`) are left out: a positive scale does not change a cosine.
 - Weights: the SHARED ones, i.e. the language model's decoder layers (`language_model.layers.*`,
   reported one by one as `layers.i`) and its final norm (`norm`); "overall" is all of them as

@@ -7,6 +7,7 @@ draw alike by accident, and a new one is added here, next to the others).
 | data order | `seed * 7_919 + epoch` | data.sampler.PairSampler (one shuffle per epoch) |
 | stochastic rounding | `seed + 0x5EED` | optim (optim.update=stochastic_rounding) |
 | held-out split | `seed + 104_729` | run_start.data_splits (data.eval_fraction) |
+| clip_cov's token choice | the place (step, inner epoch, task, rank, first row of the micro-batch), see `token_selection` | algo (algo.loss_type=clip_cov) |
 """
 
 from __future__ import annotations
@@ -35,3 +36,11 @@ def rounding(seed: int) -> int:
 def eval_split(seed: int) -> int:
     """Seed of the draw of data.eval_fraction's held-out pairs."""
     return seed + EVAL_SPLIT_SEED
+
+
+def token_selection(seed: int, step: int, task: str, row: int, epoch: int, rank: int) -> int:
+    """Seed of clip_cov's random token choice for the micro-batch starting at `row` of `task` in inner epoch
+    `epoch` of `step` on process `rank`. verl draws from the global RNG; here it is a pure function of
+    train.seed and the place, so a run repeats and resumes exactly."""
+    place = ((((seed * 1_000_003 + step) * 64 + epoch) * 2 + (task == "generation")) * 4096 + rank) * 65_537 + row
+    return place % (1 << 63)  # torch.Generator.manual_seed takes 64 bits

@@ -6,11 +6,13 @@
 One step, for P pairs and group size G (`train_step`, one commented block per phase):
   1. rollouts: P questions x G answers; P prompts x G images (engine/rollout.py)
   2. rewards of both tasks (engine/rewards.py)
-  3. advantages: `group_advantages` per (task, pair) group, times `pair_weights` (1 aligned, sqrt(s) retrieved)
+  3. advantages: `group_advantages` per (task, pair) group (`algo.advantage_estimator`, engine/algo.py), times
+     `pair_weights` (1 aligned, sqrt(s) retrieved)
   4. update: mu inner epochs, each one optimizer step: micro-batches of one task, teacher-forced
-     forward (engine/policy.py), `fused_linear_policy_loss` on the task's head, scaled so that the
-     accumulated gradient is that of `understanding_weight * loss_text + generation_weight * loss_image`
-     on the full batch; gradient clipping; AdamW8bit (engine/optim.py)
+     forward (engine/policy.py), `fused_linear_policy_loss` on the task's head (`algo.loss_type` and its
+     knobs; with the top-entropy mask or clip_cov / kl_cov, one no-grad head pass first: `algo.token_inputs`),
+     scaled so that the accumulated gradient is that of `understanding_weight * loss_text + generation_weight *
+     loss_image` on the full batch; gradient clipping; AdamW8bit (engine/optim.py)
   5. metrics (engine/metrics.py), 6. checkpoint (engine/checkpoint.py)
 A signal (`StopRequest`, installed by `pairuni train`) abandons a single process's rollouts or lets an update or
 save finish, then the loop stops with a verified checkpoint of the last finished step (`Preempted`).
@@ -36,10 +38,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pairuni_kernels import fused_linear_policy_loss, group_advantages, linear_logprobs, pair_weights
+from pairuni_kernels import fused_linear_policy_loss, linear_logprobs, pair_weights
 from pairuni_kernels.policy_loss import loss_denominator, loss_share
 
-from . import distributed
+from . import algo, distributed
 from .build import Components, build_components
 from .checkpoint_store import kill_point, step_name, verify
 from .config import Config
@@ -173,6 +175,7 @@ class PairGRPOTrainer:
         self.metrics_log: MetricsLog | None = None  # open while `train` runs
         self.step = 0
         self.bad_steps = 0  # steps in a row whose every update was skipped as non-finite
+        self.inner_epoch = 0  # of the update running (seeds clip_cov's token choice)
         self._eval_images = None  # image cache of the held-out pairs, built at the first evaluation
         self.stop = StopRequest()  # `pairuni train` installs one with signal handlers
         self.activity = "starting"  # what the run is doing, for an OS error's message ("step 3", "saving step 4")
@@ -251,16 +254,15 @@ class PairGRPOTrainer:
             # 2. rewards
             r_und = self.parts.rewards["understanding"](RewardInput(samples=und_samples, texts=und.texts))
             r_gen = self.parts.rewards["generation"](RewardInput(samples=gen_samples, images=gen.images))
-        # 3. advantages: normalised within each (task, pair) group, times the pair weight
+        # 3. advantages: by algo.advantage_estimator within each (task, pair) group, times the pair weight
         group_ids = torch.arange(len(pairs)).repeat_interleave(g)
         weights = None
         if cfg.algo.use_pair_weights:
             sim = torch.tensor([p.similarity for p in pairs], dtype=torch.float32)
             aligned = torch.tensor([p.aligned for p in pairs], dtype=torch.bool)
             weights = pair_weights(sim, aligned, weighting=cfg.algo.pair_weighting)[group_ids]
-        eps = cfg.algo.advantage_eps
-        adv_und = group_advantages(r_und, group_ids, weights=weights, eps=eps)
-        adv_gen = group_advantages(r_gen, group_ids, weights=weights, eps=eps)
+        adv_und, adv_gen = (algo.advantages(cfg.algo, r, group_ids, weights=weights, mask=task_mask(task, ro))
+                            for r, task, ro in ((r_und, "understanding", und), (r_gen, "generation", gen)))
         return StepBatch(pairs, und, gen, adv_und, adv_gen, r_und, r_gen)
 
     def _understanding_rollouts(self, samples: list, seeds: torch.Tensor):
@@ -304,11 +306,19 @@ class PairGRPOTrainer:
     def _loss(self, model, task: str, batch: StepBatch, rows: slice, ref_logp):
         a, ro = self.cfg.algo, batch.rollout(task)
         v = task_view(model, task, ro, rows)
-        return fused_linear_policy_loss(
-            v.hidden, v.weight, v.targets, ro.old_logp[rows].to(v.hidden.device),
-            batch.advantages(task)[rows].to(v.hidden.device), v.mask, bias=v.bias, temperature=v.temperature,
+        old_logp = ro.old_logp[rows].to(v.hidden.device)
+        generator = None
+        if a.loss_type == "clip_cov":  # its random token choice: a pure function of the run's seed and place
+            generator = torch.Generator().manual_seed(algo.selection_seed(
+                self.cfg.train.seed, self.step + 1, task, rows.start or 0, self.inner_epoch, self.dist))
+        extra = algo.token_inputs(a, v, old_logp, batch.advantages(task)[rows].to(v.hidden.device), generator)
+        out = fused_linear_policy_loss(
+            v.hidden, v.weight, v.targets, old_logp, extra.advantages, v.mask, bias=v.bias, temperature=v.temperature,
             ref_logp=ref_logp, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
-            beta=a.beta if ref_logp is not None else 0.0, kl_estimator=a.kl_estimator, loss_agg_mode=a.loss_agg_mode)
+            beta=a.beta if ref_logp is not None else 0.0, kl_estimator=a.kl_estimator, loss_agg_mode=a.loss_agg_mode,
+            **algo.loss_kwargs(a), **extra.kwargs)
+        # the entropy metric: the fused head's with the bonus on, else that of the top-entropy pass
+        return out if extra.entropy is None or a.entropy_coef != 0 else out._replace(entropy=extra.entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, task: str, batch: StepBatch, rows: slice) -> torch.Tensor:
@@ -322,22 +332,25 @@ class PairGRPOTrainer:
     def backward(self, batch: StepBatch, refs: dict | None = None) -> dict:
         """Accumulate the gradient of `sum_task weight_task * loss_task` over micro-batches.
 
-        Returns {task: (loss, clip_fraction, ratio_mean, kl)} of the full batch. Under torchrun the
-        batch is this rank's share, each loss is divided by the global denominator (all-reduced) and
-        FSDP sums gradients over ranks, so gradient and metrics are those of the global batch.
+        Returns {task: (loss, clip_fraction, ratio_mean, kl[, entropy])} of the full batch (entropy when
+        `algo.computes_entropy`). Under torchrun the batch is this rank's share, each loss is divided by the
+        global denominator (all-reduced) and FSDP sums gradients over ranks, so gradient and metrics are those
+        of the global batch.
         """
         mode, refs = self.cfg.algo.loss_agg_mode, refs or {}
+        entropy = algo.computes_entropy(self.cfg.algo)
         sums = {}
         for task, task_w in self.tasks():
             full = task_mask(task, batch.rollout(task))
             full_den = distributed.global_denominator(loss_denominator(full, mode), mode, self.dist)
-            # (loss, clip_fraction, ratio_mean, kl) summed on the device: one host read per task, not per chunk
-            acc = torch.zeros(4, dtype=torch.float64, device=full.device)
+            # (loss, clip_fraction, ratio_mean, kl[, entropy]) summed on the device: one host read per task
+            acc = torch.zeros(5 if entropy else 4, dtype=torch.float64, device=full.device)
             for c in self.micro_batches(batch):
                 out = self.task_loss(task, batch, c, refs.get((task, c.start)))
                 share = self.micro_batch_share(task, batch, c, full_den)
                 (task_w * share * out.loss).backward()
-                acc += share.double() * torch.stack([out.loss, out.clip_fraction, out.ratio_mean, out.kl]).detach().double()
+                stats = [out.loss, out.clip_fraction, out.ratio_mean, out.kl] + ([out.entropy] if entropy else [])
+                acc += share.double() * torch.stack(stats).detach().double()
             sums[task] = tuple(acc.tolist())
         if self.dist is not None:
             keys = list(sums)
@@ -354,13 +367,15 @@ class PairGRPOTrainer:
         metrics: dict = {}
         skipped = 0
         self.model.train()
-        for _ in range(self.cfg.algo.mu):
+        for epoch in range(self.cfg.algo.mu):
+            self.inner_epoch = epoch
             self.optimizer.zero_grad()
             sums = self.backward(batch, refs)
             metrics = {"grad_norm": self.optimizer.clip_grad_norm(self.cfg.optim.max_grad_norm)}
-            for task, (loss, clip_fraction, ratio_mean, kl) in sums.items():
+            for task, (loss, clip_fraction, ratio_mean, kl, *entropy) in sums.items():
                 metrics.update({f"loss.{task}": loss, f"clip_fraction.{task}": clip_fraction,
                                 f"ratio_mean.{task}": ratio_mean, f"kl.{task}": kl})
+                metrics.update({f"entropy.{task}": e for e in entropy})  # only when computed
             # a NaN/inf loss or gradient would poison every weight it touches: skip this update
             if all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss.", "grad_norm"))):
                 self.optimizer.step()

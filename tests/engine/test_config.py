@@ -45,6 +45,9 @@ def test_overrides_parse_yaml_values_into_nested_keys():
     ("rollout.group_size=1", "rollout.group_size"),     # out of range
     ("algo.loss_agg_mode=mean", "algo.loss_agg_mode"),
     ("algo.pair_weighting=cubic", "algo.pair_weighting"),
+    ("algo.loss_type=grpo", "algo.loss_type: expected one of ppo | cispo"),  # TRL's grpo is ppo here
+    ("algo.top_entropy_quantile=-0.1", "algo.top_entropy_quantile: expected a number in"),
+    ("algo.epsilon_low=1.5", "algo.epsilon_low: expected a number in"),  # moved to engine/algo.py
     ("optim.betas=[0.9]", "optim.betas"),
     ("data.pairs_path=/nonexistent/pairs.jsonl", "data.pairs_path"),
     ("model.path=/nonexistent/janus", "model.path"),
@@ -192,10 +195,15 @@ def test_keys_added_after_a_checkpoint_change_nothing_while_at_their_default():
     saved = Config().to_dict()
     del saved["optim"]["update"]
     del saved["model"]["lora"]
+    for key in ("loss_type", "importance_sampling_level", "entropy_coef", "top_entropy_quantile",
+                "advantage_estimator", "scale_rewards", "sapo_temperature_neg", "dro_beta"):  # issue 25's algo keys
+        del saved["algo"][key]
     assert trajectory_changes(saved, Config().to_dict()) == []
     changed = Config()
     changed.model.lora.rank = 4
-    assert trajectory_changes(saved, changed.to_dict()) == ["model.lora.rank: 0 -> 4"]
+    changed.algo.loss_type = "sapo"
+    assert trajectory_changes(saved, changed.to_dict()) == ["algo.loss_type: 'ppo' -> 'sapo'",
+                                                            "model.lora.rank: 0 -> 4"]
 
 
 def test_checking_a_config_changes_nothing_on_disk(trained_run, toy_world, tiny_overrides, tmp_path):

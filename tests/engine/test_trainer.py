@@ -132,3 +132,18 @@ def test_trainer_ratio_is_one_before_the_first_update(toy_world, tmp_path, tiny_
     for task, (loss, clip_fraction, ratio_mean, _) in sums.items():
         assert ratio_mean == pytest.approx(1.0, abs=1e-5), task
         assert clip_fraction == 0.0, task
+
+
+def test_loss_type_estimator_and_entropy_knobs_run_and_log_entropy(toy_world, tmp_path, tiny_overrides, trained_run):
+    """`pairuni train` with a non-default loss type, estimator, entropy bonus and top-entropy mask: finite rows
+    with `entropy.<task>`; a default run's rows have no entropy key (metrics.jsonl as before)."""
+    run = tmp_path / "knobs"
+    knobs = {"algo.loss_type": "sapo", "algo.importance_sampling_level": "sequence_token",
+             "algo.advantage_estimator": "rloo", "algo.entropy_coef": 0.01, "algo.top_entropy_quantile": 0.3,
+             "train.steps": 1}
+    assert cli.main(["train", *tiny_overrides(toy_world, run, **knobs)]) == 0
+    (row,) = _rows(run)
+    assert {"entropy.understanding", "entropy.generation"} <= row.keys()
+    assert all(math.isfinite(v) for k, v in row.items() if k != "step") and row["entropy.generation"] > 0
+    assert json.loads((run / "config.json").read_text())["algo"]["loss_type"] == "sapo"
+    assert not any(k.startswith("entropy") for r in _rows(trained_run[1]) for k in r)
