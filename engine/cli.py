@@ -13,7 +13,7 @@ import importlib
 import sys
 
 COMMAND_MODULES: list[str] = [f"{__package__}.{name}" for name in ("train_cli", "data.cli", "plan", "probe", "export",
-                                                                       "evaluate")]
+                                                                       "evaluate", "parity")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,9 @@ RUN_ELSEWHERE = {
     "'pairuni::cfg_sample', 'CUDA'))\"": "csrc/check/cuda_build.py",
     "python studies/toyworld/ablation_toyworld.py --quick": "tests/studies/test_ablation.py",
     "python benchmarks/gpu_session.py --dry-run": "tests/benchmarks/test_gpu_session.py",
+    # docs/PARITY.md's commands need the tiny model folder the page writes first: its own test runs the page in order
+    "pairuni parity --model tiny-qwen2 --loss ppo cispo --json parity.json": "tests/engine/test_parity.py",
+    "pairuni parity --model tiny-qwen2 --dtype bfloat16": "tests/engine/test_parity.py",
 }
 #: `pairuni` subcommands this file runs when a document (other than the walk-through) shows them.
 RUN_HERE = {"plan", "toy-world", "validate", "build-pairs", "train", "eval", "export", "probe-gradients"}
