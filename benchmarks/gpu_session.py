@@ -37,6 +37,9 @@ Stages, in this order (seconds: the cap on the GPU machine, see CAPS for the rea
                collected tests each)
   sampler, policy_loss, advantages   benchmarks/run_all.py suites
   linear       the fused linear loss at two Janus head shapes (image 7B, text 7B): fused, unfused, matmuls
+  trl_head     our fused head + loss against TRL 1.16's fused head (ChunkedLogProbFunction) + its torch loss,
+               Qwen-class (V 151,936) and Janus-Pro text / image heads, a few thousand tokens, one process;
+               TRL from the environment or wheels/trl-*.whl (benchmarks/bench_trl_head.py)
   train_7b     two PairGRPO steps of random-weight Janus-Pro-7B (benchmarks/train_one_gpu.py)
   rollout      the engine's image rollout vs transformers' generate, Janus-Pro-1B shapes, B=16, 64 tokens
   lora_4bit    one PairGRPO step of random-weight Janus-Pro-7B with LoRA r=64 on a 4-bit NF4 base
@@ -81,18 +84,19 @@ PY = sys.executable
 WHEELS = ROOT / "wheels"
 KERNEL_RESOURCES = HERE / "kernel_resources.py"
 STAGES = ("environment", "build", "compile", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages",
-          "linear", "train_7b", "rollout", "lora_4bit")
+          "linear", "trl_head", "train_7b", "rollout", "lora_4bit")
 # Seconds each stage may take on the GPU machine (one H100/H200, 16 cores, torch 2.11, Triton 3.6),
 # estimated from what it must do there; they sum to 405 s, 420 s with PACK_RESERVE_S.
 CAPS = {
     # import torch on a cold disk (~5 s), CUDA init, nvidia-smi, nvcc --version
     "environment": 12,
     # two translation units (the C++ op with torch's headers, ~30 s; the .cu for the one arch of this GPU,
-    # ~40 s), in parallel under ninja, plus pip's own ~5 s; without ninja they run one after the other
-    "build": 80,
+    # ~40 s), in parallel under ninja, plus pip's own ~5 s (~45 s); without ninja they run one after the
+    # other (~75 s, over the cap: the environment stage records whether ninja is there)
+    "build": 70,
     # 119 Triton variants x 3 divisibility specialisations for the one arch, ~0.2-0.4 s each (ptxas
     # included; 357 took 72 s on 2 CPU cores) over 16 workers, plus the workers' start (import triton)
-    "compile": 25,
+    "compile": 20,
     # unzip one bitsandbytes wheel (--target) and import it once (torch warm by now); 0 s without a wheel
     "optimizer": 10,
     # ~630 tests in 8 parallel pytest processes: each starts torch + CUDA (~4 s), runs its block with the
@@ -109,7 +113,11 @@ CAPS = {
     # 2 shapes x 3 implementations, each in its own process (~4 s start + CUDA context, warm-up and 11
     # steps at 8x576 / 8x512 tokens against a 4096 x 16384 or 102400 head); `compiled` is left out: an
     # Inductor compile per case would double the stage
-    "linear": 35,
+    "linear": 30,
+    # 8 shapes x {pairuni, trl} in ONE process (memory from max_memory_allocated): start, CUDA and TRL
+    # imports (~8 s), TRL's two Triton kernels compiled at first use (~3 s; ours are warm from compile),
+    # then 2 + 1 + 5 steps per row of at most ~40 ms (7B head, 4096 tokens: three 4.5 TFLOP matmuls)
+    "trl_head": 25,
     # random-init 7B on the GPU (~5 s), then 2 steps, each dominated by 576 eager decode steps of 7B for
     # 4 CFG image rows (~25-35 ms a step) plus 64 answer tokens and the checkpointed update (~5 s)
     "train_7b": 75,
@@ -118,7 +126,7 @@ CAPS = {
     "rollout": 20,
     # 7B built, quantized to NF4 (~15 s), LoRA attached, then ONE step (peak memory is the point; the
     # 4-bit decode is ~2x slower than bf16, 576 steps ~35 s)
-    "lora_4bit": 55,
+    "lora_4bit": 50,
 }
 PACK_RESERVE_S = 15  # kept back from the budget for the snapshots between stages and the final pack
 BUDGET_S = 420.0  # the whole command: the device's 600 s per command less room for the start and transfers
@@ -132,8 +140,9 @@ LINEAR_CASES = ("image 8x576 H4096", "text 8x512 H4096")
 DRY_LINEAR_CASES = ("quick image 4x128 H256", "quick text 2x128 H256")
 LINEAR_IMPLS = ("fused", "unfused", "matmuls")
 SUITES = {"sampler": "sampling", "policy_loss": "policy_loss", "advantages": "advantages", "linear": "linear",
-          "rollout": "rollout"}
-NEEDS_GPU = {"gpu_tests", "sampler", "policy_loss", "advantages", "linear", "train_7b", "rollout", "lora_4bit"}
+          "trl_head": "trl_head", "rollout": "rollout"}
+NEEDS_GPU = {"gpu_tests", "sampler", "policy_loss", "advantages", "linear", "trl_head", "train_7b", "rollout",
+             "lora_4bit"}
 IN_SCRIPT = ("environment", "build", "compile", "optimizer", "gpu_tests")
 BUDGET_SPENT = "skipped: session budget spent"
 NOT_SELECTED = "skipped: not selected (--only)"

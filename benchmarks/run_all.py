@@ -8,6 +8,8 @@ each row to `rows` as soon as it is measured: here `rows` is a `RowLog`, which r
 JSON and markdown (atomically) after every row, so a suite that is killed or times out keeps the
 rows it measured (`"complete": false` in its JSON, and `"error"` when it raised). A suite that
 changes rows after appending them calls `rows.flush()` (see `_timing.flush`).
+A suite may also define `environment() -> dict` (versions of its baselines): its keys join the
+machine and versions in the results' header, with the command that reproduces them.
 Usage: python benchmarks/run_all.py [--quick] [--only SUITE ...] [--device cpu|cuda] [--timeout S]
                                    [--cases NAME ...] [--impls NAME ...]
 
@@ -115,6 +117,9 @@ def run_suite(path: Path, device: str, quick: bool, out: Path, suffix: str, case
     leaves its rows and the error in its JSON and exits non-zero."""
     suite = path.stem[len("bench_"):]
     env = environment(device)
+    env["command"] = " ".join(["python benchmarks/run_all.py", "--only", suite, "--device", device]
+                              + (["--quick"] if quick else []) + (["--cases", *cases] if cases else [])
+                              + (["--impls", *impls] if impls else []))
     state = {"complete": False, "error": None}
 
     def write(rows) -> None:
@@ -131,6 +136,8 @@ def run_suite(path: Path, device: str, quick: bool, out: Path, suffix: str, case
     rows = RowLog(write, int(hang) if hang else None)
     write(rows)
     module = load_suite(path)
+    if hasattr(module, "environment"):  # what else the suite's numbers depend on (versions of its baselines)
+        env.update(module.environment())
     params = inspect.signature(module.collect).parameters
     kwargs = {}
     if cases and "only" in params:

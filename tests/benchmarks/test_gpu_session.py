@@ -30,7 +30,7 @@ import gpu_session  # noqa: E402
 # the session order: set-up (environment, build, Triton compiles, optimizer), GPU tests, the benchmark
 # suites, the 7B step, the rollout, the 4-bit LoRA step
 STAGES = ["environment", "build", "compile", "optimizer", "gpu_tests", "sampler", "policy_loss", "advantages",
-          "linear", "train_7b", "rollout", "lora_4bit"]
+          "linear", "trl_head", "train_7b", "rollout", "lora_4bit"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 STAND_IN = """
 import argparse, json, os, sys
@@ -199,7 +199,7 @@ def test_dry_run_runs_every_stage_and_packs_three_files(tmp_path):
     assert not any(n.startswith(("session/site", "session/train_run", "session/triton_cache")) for n in names)
     results = {n.split("/")[-1]: json.loads(v) for n, v in files.items() if n.startswith("session/results/")
                and n.endswith(".json")}
-    for suite in ("sampling", "policy_loss", "advantages", "linear", "rollout"):
+    for suite in ("sampling", "policy_loss", "advantages", "linear", "trl_head", "rollout"):
         data = results[f"{suite}_cpu_quick.json"]
         assert data["complete"] is True and data == summary["results"][f"{suite}_cpu_quick.json"], suite
         assert data["rows"] and all("case" in r and "impl" in r for r in data["rows"]), suite
@@ -209,6 +209,16 @@ def test_dry_run_runs_every_stage_and_packs_three_files(tmp_path):
     fused = {r["case"]: r for r in linear if r["impl"] == "fused"}
     assert len(fused) == 2 and all(r["time_ms"] > 0 for r in fused.values()), linear
     assert {r["impl"] for r in linear} == {"fused", "unfused"}  # the session's implementations, no compile
+    # ours against TRL's fused head: both measured where TRL imports, and then the same step on both sides;
+    # where it does not (the GPU machine's venv has no TRL unless wheels/ carries it) its rows say so
+    trl_head = results["trl_head_cpu_quick.json"]["rows"]
+    ours = [r for r in trl_head if r["impl"] == "pairuni"]
+    assert len(ours) == 2 and all(r["time_ms"] > 0 and "peak_extra_mb" in r for r in ours), trl_head
+    theirs = [r for r in trl_head if r["impl"] == "trl"]
+    assert len(theirs) == 2 and all(r.get("time_ms", 0) > 0 or r.get("note", "").startswith(
+        "baseline unavailable: trl not importable") for r in theirs), theirs
+    if any("time_ms" in r for r in theirs):
+        assert all(r["same_result"] is True for r in ours), ours
     train = results["train_one_gpu_smoke.json"]
     assert train["complete"] is True and [r["model"] for r in train["results"]] == ["janus-pro-7b"]
     step = train["results"][0]
