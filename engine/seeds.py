@@ -7,7 +7,7 @@ draw alike by accident, and a new one is added here, next to the others).
 | data order | `seed * 7_919 + epoch` | data.sampler.PairSampler (one shuffle per epoch) |
 | stochastic rounding | `seed + 0x5EED` | optim (optim.update=stochastic_rounding) |
 | held-out split | `seed + 104_729` | run_start.data_splits (data.eval_fraction) |
-| clip_cov's token choice | the place (step, inner epoch, task, rank, first row of the micro-batch), see `token_selection` | algo (algo.loss_type=clip_cov) |
+| clip_cov's token choice | `token_selection`: step, inner epoch, task, rank, micro-batch | algo (loss_type=clip_cov) |
 """
 
 from __future__ import annotations
