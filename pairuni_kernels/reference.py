@@ -608,6 +608,19 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     return torch.exp(d) - d - 1.0
 
 
+def _masked_operands(logp, old_logp, advantages, mask):
+    """(dt, valid, zero, logp, old_logp, advantages [N, T], mask as dt) in the compute dtype dt. Masked entries are
+    replaced by 0 before any arithmetic so garbage there cannot leak (not even as NaN gradients)."""
+    dt = compute_dtype(logp.dtype)
+    valid = mask != 0
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    lp = torch.where(valid, logp.to(dt), zero)
+    old = torch.where(valid, old_logp.to(dt), zero)
+    adv = advantages.to(dt)
+    adv = torch.where(valid, adv[:, None] if adv.dim() == 1 else adv, zero)
+    return dt, valid, zero, lp, old, adv, valid.to(dt)
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
                         epsilon_low: float = 0.2, epsilon_high: float = 0.2, dual_clip_c: float | None = None,
@@ -689,15 +702,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         selected=selected, entropy=entropy, entropy_coef=entropy_coef, entropy_mask=entropy_mask,
         entropy_agg_mode=entropy_agg_mode,
     )
-    dt = compute_dtype(logp.dtype)
-    valid = mask != 0
-    zero = torch.zeros((), dtype=dt, device=logp.device)
-    # Masked entries are replaced by 0 before any arithmetic so garbage there cannot leak (not even as NaN grads).
-    lp = torch.where(valid, logp.to(dt), zero)
-    old = torch.where(valid, old_logp.to(dt), zero)
-    adv = advantages.to(dt)
-    adv = torch.where(valid, adv[:, None] if adv.dim() == 1 else adv, zero)
-    m = valid.to(dt)
+    dt, valid, zero, lp, old, adv, m = _masked_operands(logp, old_logp, advantages, mask)
     n, t = lp.shape
 
     log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -845,14 +850,7 @@ def cov_token_selection(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     _check_float("lb", lb)
     _check_float("ub", ub)
     with torch.no_grad():
-        dt = compute_dtype(logp.dtype)
-        valid = mask != 0
-        zero = torch.zeros((), dtype=dt, device=logp.device)
-        lp = torch.where(valid, logp.to(dt), zero)
-        old = torch.where(valid, old_logp.to(dt), zero)
-        adv = advantages.to(dt)
-        adv = torch.where(valid, adv[:, None] if adv.dim() == 1 else adv, zero)
-        m = valid.to(dt)
+        _, valid, _, lp, old, adv, m = _masked_operands(logp, old_logp, advantages, mask)
         count = m.sum()
         # verl: clip_cov centres with masked_mean (sum / (count + 1e-8)), kl_cov with the plain mean of the valid ones
         den = count + 1e-8 if mode == "clip_cov" else count.clamp(min=1)
