@@ -160,7 +160,7 @@ import importlib, json, re, sys
 sys.path.insert(0, sys.argv[1])
 import kernel_resources as kr, triton
 out = {}
-for module, prefix in [("policy_loss", "_policy_loss_fwd_kernel[SEQ_LEVEL=0,HAS_REF=1,BLOCK=1024"),
+for module, prefix in [("policy_loss", "_policy_loss_fwd_kernel[LEVEL=0,HAS_REF=1,BLOCK=1024"),
                        ("advantages", "_pair_weights_kernel[BLOCK=1024,SQRT=1]")]:
     launch = next(v for v in importlib.import_module("pairuni_kernels." + module).kernel_variants()
                   if v.label().startswith(prefix))
@@ -218,7 +218,7 @@ def test_divisibility_changes_the_compiled_code(specialised):
 
 
 #: A few variants of every kernel family, with constexpr 1 strides, do_not_specialize codes, maxnreg.
-_WARM_SUBSET = ["_policy_loss_fwd_kernel[SEQ_LEVEL=1,HAS_REF=1,BLOCK=1024", "_policy_loss_bwd_kernel[SEQ_LEVEL=0",
+_WARM_SUBSET = ["_policy_loss_fwd_kernel[LEVEL=1,HAS_REF=1,BLOCK=1024", "_policy_loss_bwd_kernel[LEVEL=0",
                 "_pair_weights_kernel", "_chunk_dlogits_kernel[HAS_BIAS=1,WITH_ENTROPY=1,BLOCK_V=256"]
 
 
