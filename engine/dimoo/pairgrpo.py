@@ -35,15 +35,18 @@ and is refused (one-line ValueError), as is sequence-level importance sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from pairuni_kernels import fused_linear_policy_loss, group_advantages, pair_weights
+from pairuni_kernels import fused_linear_policy_loss, pair_weights
 from pairuni_kernels.policy_loss import loss_denominator, loss_share
-from pairuni_kernels.reference import cfg_mix
+from pairuni_kernels.reference import COV_SELECTION_MODES, ROW_COUPLED_LOSS_TYPES, cfg_mix
 
+from .. import algo as algo_ops
+from ..algo import AlgoConfig
 from ..rollout import rollout_seeds
 from .sampler import REVEAL_ORDERS, DiffusionRollout, model_logits_fn, sample_image, sample_text
 from .scoring import _branches, _group_rows, model_hidden_fn, score_plan
@@ -52,20 +55,52 @@ TASKS = ("understanding", "generation")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
+#: What the DiMOO step refuses of `AlgoConfig`, and why (`unsupported`). A score run is a set of a rollout's
+#: tokens, not whole rows, and the update has no reference-model pass.
+ROW_LOSS_TYPES = ROW_COUPLED_LOSS_TYPES + COV_SELECTION_MODES
+
+
+def unsupported(a: AlgoConfig) -> tuple[str, str] | None:
+    """(key, why) of the first `algo.` setting the DiMOO step cannot run, or None. Whole-row operations (the
+    sequence-level ratio, seq-mean-token-mean, the row-coupled loss types vespo / geo_mean), batch-wide token
+    choices (clip_cov / kl_cov, the top-entropy mask), the KL to a reference model and reinforce++'s token
+    returns (a reveal order is not a time order) need a row's or the batch's tokens in one place; DiMOO scores a
+    row in `score_groups` runs."""
+    if a.loss_agg_mode not in LOSS_AGG_MODES:
+        return "loss_agg_mode", f"one of {' | '.join(LOSS_AGG_MODES)} (a score run is part of a row)"
+    if a.importance_sampling_level != "token":
+        return "importance_sampling_level", "token (a score run is part of a row)"
+    if a.loss_type in ROW_LOSS_TYPES:
+        return "loss_type", f"none of {' / '.join(ROW_LOSS_TYPES)} (they read a whole row or batch at once)"
+    if a.top_entropy_quantile != 1:
+        return "top_entropy_quantile", "1 (the top-entropy mask needs the batch's tokens at once)"
+    if a.beta != 0:
+        return "beta", "0 (the DiMOO step has no reference-model pass yet)"
+    if a.advantage_estimator == "reinforce_plus_plus":
+        return "advantage_estimator", "an outcome estimator (reinforce++ discounts along a time order; a reveal " \
+            "order is not one)"
+    if a.entropy_coef != 0 and a.entropy_agg_mode != a.loss_agg_mode:
+        return "entropy_agg_mode", f"algo.loss_agg_mode ({a.loss_agg_mode}): runs are weighted by the loss's mode"
+    return None
+
+
+def _dimoo_algo() -> AlgoConfig:
+    return AlgoConfig(mu=1)
+
+
 @dataclass(frozen=True)
 class DimooGRPOConfig:
-    """Knobs of the DiMOO PairGRPO step (names as the engine's config where one exists).
+    """Knobs of the DiMOO PairGRPO step: the samplers' and the scoring's here, the objective's in `algo` (the
+    engine's `AlgoConfig`, the `algo.` section of a run's config: loss type and knobs, clips, mu, pair weights,
+    estimator, task weights), so every loss type the DiMOO step can run reaches it with the Janus engine's names.
 
-    group_size: G rollouts per prompt; mu: inner epochs (optimizer steps per batch); score_groups: forwards per
-    rollout in the update (None: one per step, exact); image_steps / text_steps / block_length: the samplers';
-    cfg_scale: image CFG w (guided (1 + w) c - w u); image_temperature / text_temperature: sampling temperatures
-    (> 0 for RL); order: reveal order ("random": exact ratio; "confidence": DiMOO's, approximate);
-    epsilon_low / epsilon_high: clip range; loss_agg_mode: one of LOSS_AGG_MODES; understanding_weight /
-    generation_weight: task loss weights (0 = the task does not train); use_pair_weights, pair_weighting:
-    `pair_weights`; advantage_eps: `group_advantages`' eps; max_grad_norm: clip (None: no clipping)."""
+    group_size: G rollouts per prompt; score_groups: forwards per rollout in the update (None: one per step,
+    exact); image_steps / text_steps / block_length: the samplers'; cfg_scale: image CFG w (guided
+    (1 + w) c - w u); image_temperature / text_temperature: sampling temperatures (> 0 for RL); order: reveal
+    order ("random": exact ratio; "confidence": DiMOO's, approximate); max_grad_norm: clip (None: no clipping);
+    algo: the objective (default AlgoConfig(mu=1)); settings `unsupported` names are refused."""
 
     group_size: int = 8
-    mu: int = 1
     score_groups: int | None = None
     image_steps: int = 4
     text_steps: int = 2
@@ -74,18 +109,11 @@ class DimooGRPOConfig:
     image_temperature: float = 1.0
     text_temperature: float = 1.0
     order: str = "random"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    loss_agg_mode: str = "token-mean"
-    understanding_weight: float = 1.0
-    generation_weight: float = 1.0
-    use_pair_weights: bool = True
-    pair_weighting: str = "sqrt"
-    advantage_eps: float = 1e-6
     max_grad_norm: float | None = 1.0
+    algo: AlgoConfig = field(default_factory=_dimoo_algo)
 
     def __post_init__(self):
-        for name in ("group_size", "mu", "image_steps", "text_steps", "block_length"):
+        for name in ("group_size", "image_steps", "text_steps", "block_length"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -94,23 +122,48 @@ class DimooGRPOConfig:
             raise ValueError(f"score_groups: expected None or an int >= 1, got {self.score_groups!r}")
         if self.order not in REVEAL_ORDERS:
             raise ValueError(f"order: expected one of {REVEAL_ORDERS}, got {self.order!r}")
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES} (runs of tokens are the parts; "
-                             f"seq-mean-token-mean needs whole rows), got {self.loss_agg_mode!r}")
         for name in ("image_temperature", "text_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0 (RL needs sampled, scored tokens), got {getattr(self, name)}")
+        if not isinstance(self.algo, AlgoConfig):
+            raise ValueError(f"algo: expected an engine.algo.AlgoConfig, got {type(self.algo).__name__}")
+        a = self.algo
+        if not (isinstance(a.mu, int) and a.mu >= 1):
+            raise ValueError(f"algo.mu: expected an int >= 1, got {a.mu!r}")
         for name in ("understanding_weight", "generation_weight", "epsilon_low", "epsilon_high"):
-            v = getattr(self, name)
+            v = getattr(a, name)
             if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}: expected a finite float >= 0, got {v!r}")
+                raise ValueError(f"algo.{name}: expected a finite float >= 0, got {v!r}")
+        bad = unsupported(a)
+        if bad is not None:
+            raise ValueError(f"algo.{bad[0]}: expected {bad[1]}, got {getattr(a, bad[0])!r}")
 
     def replace(self, **changes) -> DimooGRPOConfig:
         known = {f.name for f in fields(self)}
         bad = sorted(set(changes) - known)
         if bad:
             raise ValueError(f"changes: unknown keys {bad}")
-        return DimooGRPOConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-safe {field: value}, `algo` as its own dict (what a checkpoint's state.json holds)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DimooGRPOConfig:
+        """The inverse of `to_dict`; unknown keys refused in one line (ValueError)."""
+        d = dict(d)
+        algo = d.pop("algo", None)
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"cfg: unknown keys {bad}")
+        if algo is not None:
+            names = {f.name for f in fields(AlgoConfig)}
+            if set(algo) - names:
+                raise ValueError(f"cfg.algo: unknown keys {sorted(set(algo) - names)}")
+            d["algo"] = AlgoConfig(**algo)
+        return cls(**d)
 
 
 @dataclass
@@ -167,19 +220,23 @@ def rollout_generation(model, world, sample, seeds: torch.Tensor, cfg: DimooGRPO
                         temperature=cfg.image_temperature, order=cfg.order)
 
 
-def pair_advantages(rewards: torch.Tensor, pairs: list, cfg: DimooGRPOConfig) -> torch.Tensor:
-    """[P * G] rewards (row p*G + g) -> [P * G] float32 advantages: `group_advantages` per pair's G rows, times
-    the pair's `pair_weights` (aligned 1, retrieved sqrt(similarity)) when cfg.use_pair_weights."""
-    g = cfg.group_size
+def pair_advantages(rewards: torch.Tensor, pairs: list, cfg: DimooGRPOConfig,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[P * G] rewards (row p*G + g) -> [P * G] float32 advantages: `engine.algo.advantages` (the estimator
+    `cfg.algo.advantage_estimator`, as the Janus engine) per pair's G rows, times the pair's `pair_weights`
+    (aligned 1, retrieved sqrt(similarity)) when cfg.algo.use_pair_weights. mask [P * G, T] bool: the rows'
+    sampled tokens (read by the length-aware estimators; default: every row one token)."""
+    g, a = cfg.group_size, cfg.algo
     if rewards.shape != (len(pairs) * g,):
         raise ValueError(f"rewards: expected shape [{len(pairs) * g}] (pairs x group_size), got {tuple(rewards.shape)}")
     group_ids = torch.arange(len(pairs)).repeat_interleave(g)
     weights = None
-    if cfg.use_pair_weights:
+    if a.use_pair_weights:
         sim = torch.tensor([p.similarity for p in pairs], dtype=torch.float32)
         aligned = torch.tensor([p.aligned for p in pairs], dtype=torch.bool)
-        weights = pair_weights(sim, aligned, weighting=cfg.pair_weighting)[group_ids]
-    return group_advantages(rewards, group_ids, weights=weights, eps=cfg.advantage_eps)
+        weights = pair_weights(sim, aligned, weighting=a.pair_weighting)[group_ids]
+    mask = torch.ones(len(rewards), 1, dtype=torch.bool) if mask is None else mask
+    return algo_ops.advantages(a, rewards, group_ids, weights=weights, mask=mask)
 
 
 @torch.no_grad()
@@ -202,7 +259,8 @@ def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, st
             codes = torch.cat([ro.targets().view(-1, world.grid, world.grid) for ro in ros])
             outputs = world.decode_images(codes)
             rewards = world.generation_rewards(samples, outputs)
-        out[task] = TaskBatch(ros, rewards, pair_advantages(rewards, pairs, cfg), outputs)
+        mask = torch.cat([ro.step_map >= 0 for ro in ros])
+        out[task] = TaskBatch(ros, rewards, pair_advantages(rewards, pairs, cfg, mask), outputs)
     model.train(was_training)
     return DimooBatch(pairs, out["understanding"], out["generation"])
 
@@ -210,13 +268,14 @@ def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, st
 # ----------------------------------------------------------------------------- the loss
 def task_denominator(task: TaskBatch, cfg: DimooGRPOConfig) -> torch.Tensor:
     """0-d float32 `loss_denominator` of the task's full [P * G, T] token mask (every revealed token)."""
-    return loss_denominator(torch.cat([ro.step_map >= 0 for ro in task.rollouts]), cfg.loss_agg_mode)
+    return loss_denominator(torch.cat([ro.step_map >= 0 for ro in task.rollouts]), cfg.algo.loss_agg_mode)
 
 
 def run_loss(model, world, task_name: str, ro: DiffusionRollout, advantages: torch.Tensor, run: list[int],
              cfg: DimooGRPOConfig):
     """(PolicyLossOutput of the tokens revealed in `run` (a list of steps, scored at the state of its first),
     its mask [G, T]). One guided forward; advantages: [G] of the rollout's rows."""
+    a = cfg.algo
     step, b_idx, p_idx, member = _group_rows(ro, run)
     hc, hu = _branches(model_hidden_fn(model), ro, step, b_idx, p_idx, "hidden_fn")
     h = hc if hu is None else cfg_mix(hc, hu, ro.guidance_scale)
@@ -224,14 +283,15 @@ def run_loss(model, world, task_name: str, ro: DiffusionRollout, advantages: tor
     hidden = h.new_zeros(g, t, h.shape[-1]).index_put((b_idx, p_idx), h)  # masked rows are never read
     out = fused_linear_policy_loss(hidden, model.head_weight(task_head(model, world, task_name)), ro.targets(),
                                    ro.old_logp.to(hidden.device), advantages.to(hidden.device), member,
-                                   temperature=ro.scoring_temperature, epsilon_low=cfg.epsilon_low,
-                                   epsilon_high=cfg.epsilon_high, loss_agg_mode=cfg.loss_agg_mode)
+                                   temperature=ro.scoring_temperature, epsilon_low=a.epsilon_low,
+                                   epsilon_high=a.epsilon_high, loss_agg_mode=a.loss_agg_mode,
+                                   **algo_ops.loss_kwargs(a))
     return out, member
 
 
 def task_weights(cfg: DimooGRPOConfig) -> list[tuple[str, float]]:
     """(task, loss weight) of the tasks that train (weight > 0), understanding first (as the engine)."""
-    return [(t, w) for t, w in zip(TASKS, (cfg.understanding_weight, cfg.generation_weight)) if w > 0]
+    return [(t, w) for t, w in zip(TASKS, (cfg.algo.understanding_weight, cfg.algo.generation_weight)) if w > 0]
 
 
 def backward(model, world, batch: DimooBatch, cfg: DimooGRPOConfig, *, on_run=None) -> dict:
@@ -249,7 +309,7 @@ def backward(model, world, batch: DimooBatch, cfg: DimooGRPOConfig, *, on_run=No
             adv = tb.advantages[i * g:(i + 1) * g]
             for run in score_plan(ro, cfg.score_groups):
                 out, member = run_loss(model, world, task, ro, adv, run, cfg)
-                share = loss_share(member, cfg.loss_agg_mode, den.to(out.loss.dtype))  # fp64 model: fp64 share
+                share = loss_share(member, cfg.algo.loss_agg_mode, den.to(out.loss.dtype))  # fp64 model: fp64 share
                 (w * share * out.loss).backward()
                 acc += share.double().cpu() * torch.stack([out.loss, out.clip_fraction, out.ratio_mean]).detach() \
                     .double().cpu()
@@ -271,7 +331,7 @@ def one_shot_loss(model, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> torc
         for i, ro in enumerate(tb.rollouts):
             for run in score_plan(ro, cfg.score_groups):
                 out, member = run_loss(model, world, task, ro, tb.advantages[i * g:(i + 1) * g], run, cfg)
-                total = total + w * loss_share(member, cfg.loss_agg_mode, den.to(out.loss.dtype)) * out.loss
+                total = total + w * loss_share(member, cfg.algo.loss_agg_mode, den.to(out.loss.dtype)) * out.loss
     return total
 
 
@@ -281,7 +341,7 @@ def update(model, optimizer, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> 
     metrics, skipped = {}, 0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    for _ in range(cfg.mu):
+    for _ in range(cfg.algo.mu):
         optimizer.zero_grad()
         sums = backward(model, world, batch, cfg)
         if cfg.max_grad_norm is not None:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from engine.algo import AlgoConfig
 from engine.data import default_pairs_path
 from engine.data.io import data_root_of, read_pairs
 from engine.dimoo import pairgrpo as pg
@@ -61,12 +62,25 @@ def test_world_layout_and_image_codes_round_trip(world, pairs, gen):
 
 def test_config_rejects_bad_values():
     for bad, match in (({"group_size": 0}, "group_size"), ({"score_groups": 0}, "score_groups"),
-                       ({"order": "left"}, "order"), ({"loss_agg_mode": "seq-mean-token-mean"}, "loss_agg_mode"),
-                       ({"text_temperature": 0.0}, "text_temperature"), ({"generation_weight": -1.0}, "generation_weight")):
+                       ({"order": "left"}, "order"), ({"text_temperature": 0.0}, "text_temperature"),
+                       ({"algo": {"mu": 1}}, "algo: expected")):
         with pytest.raises(ValueError, match=match):
             pg.DimooGRPOConfig(**bad)
+    for knobs, match in (({"loss_agg_mode": "seq-mean-token-mean"}, "algo.loss_agg_mode"),
+                         ({"generation_weight": -1.0}, "algo.generation_weight"),
+                         ({"importance_sampling_level": "sequence"}, "algo.importance_sampling_level"),
+                         ({"loss_type": "geo_mean"}, "algo.loss_type"), ({"loss_type": "clip_cov"}, "algo.loss_type"),
+                         ({"top_entropy_quantile": 0.5}, "algo.top_entropy_quantile"), ({"beta": 0.1}, "algo.beta"),
+                         ({"advantage_estimator": "reinforce_plus_plus"}, "algo.advantage_estimator"),
+                         ({"entropy_coef": 0.01, "loss_agg_mode": "seq-mean-token-sum"}, "algo.entropy_agg_mode")):
+        with pytest.raises(ValueError, match=match):
+            pg.DimooGRPOConfig(algo=AlgoConfig(**knobs))
     with pytest.raises(ValueError, match="changes"):
         pg.DimooGRPOConfig().replace(nope=1)
+    cfg = pg.DimooGRPOConfig(group_size=3, algo=AlgoConfig(loss_type="sapo", mu=3))
+    assert pg.DimooGRPOConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="cfg.algo: unknown"):
+        pg.DimooGRPOConfig.from_dict({**cfg.to_dict(), "algo": {"nope": 1}})
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -76,7 +90,7 @@ def test_pair_advantages_are_group_advantages_times_pair_weights(pairs, gen):
     r = torch.rand(8, generator=gen)
     got = pg.pair_advantages(r, two, cfg).double()
     r64 = r.double().view(2, 4)
-    want = (r64 - r64.mean(1, keepdim=True)) / (r64.std(1, keepdim=True) + cfg.advantage_eps)
+    want = (r64 - r64.mean(1, keepdim=True)) / (r64.std(1, keepdim=True) + cfg.algo.advantage_eps)
     want = want * torch.tensor([1.0, math.sqrt(two[1].similarity)], dtype=torch.float64)[:, None]
     torch.testing.assert_close(got, want.flatten(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="rewards"):
@@ -106,34 +120,93 @@ def _plain_objective(model, world, batch, cfg):
                 logp = torch.log_softmax(cond / ro.scoring_temperature, -1).gather(-1, ro.targets()[..., None])[..., 0]
                 ratio = torch.exp(logp - ro.old_logp.double())
                 a = adv[:, None].expand_as(ratio)
-                loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high))
+                loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.algo.epsilon_low,
+                                                                  1 + cfg.algo.epsilon_high))
                 terms.append(loss[member].sum())
                 count += int(member.sum())
         total = total + w * torch.stack(terms).sum() / count
     return total
 
 
-@pytest.mark.parametrize("score_groups", [None, 2])
-def test_step_loss_and_gradients_match_float64_recomputation(world, pairs, gen, score_groups):
-    model = world.tiny_model(seed=3).double()
-    cfg = pg.DimooGRPOConfig(group_size=3, score_groups=score_groups, image_steps=4, epsilon_low=0.1,
-                             epsilon_high=0.15, generation_weight=0.7)
-    batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=11, step=2)
-    assert batch.und.advantages.abs().sum() + batch.gen.advantages.abs().sum() > 0
+def _assert_grouped_backward_equals(model, world, batch, cfg, gen, objective) -> dict:
+    """Perturb the float64 model (ratios != 1), then the grouped backward's loss and every gradient must equal
+    those of `objective(model, world, batch, cfg)` (a float64 re-computation); returns backward's sums."""
     _perturb(model, gen)
     model.zero_grad()
     sums = pg.backward(model, world, batch, cfg)
     got_loss = sum(w * sums[t][0] for t, w in pg.task_weights(cfg))
     got = _grads(model)
     model.zero_grad()
-    want_loss = _plain_objective(model, world, batch, cfg)
+    want_loss = objective(model, world, batch, cfg)
     want_loss.backward()
     want = _grads(model)
-    assert sums["generation"][1] > 0  # some tokens clipped: the clip branch is exercised
     assert math.isclose(got_loss, float(want_loss.detach()), rel_tol=1e-9, abs_tol=1e-12)
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-11, msg=name)
+    return sums
+
+
+@pytest.mark.parametrize("score_groups", [None, 2])
+def test_step_loss_and_gradients_match_float64_recomputation(world, pairs, gen, score_groups):
+    model = world.tiny_model(seed=3).double()
+    cfg = pg.DimooGRPOConfig(group_size=3, score_groups=score_groups, image_steps=4,
+                             algo=AlgoConfig(mu=1, epsilon_low=0.1, epsilon_high=0.15, generation_weight=0.7))
+    batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=11, step=2)
+    assert batch.und.advantages.abs().sum() + batch.gen.advantages.abs().sum() > 0
+    sums = _assert_grouped_backward_equals(model, world, batch, cfg, gen, _plain_objective)
+    assert sums["generation"][1] > 0  # some tokens clipped: the clip branch is exercised
+
+
+def _spec_objective(model, world, batch, cfg):
+    """The step's objective through the float64 spec (`reference.clipped_policy_loss` with the config's loss
+    type and knobs): each revealed token's log-prob at its run's state from full-vocabulary guided logits,
+    assembled into the task's [P * G, T] tensor, then ONE spec call per task over all of its tokens."""
+    from engine import algo as algo_ops
+    from pairuni_kernels import reference as spec
+
+    a, total = cfg.algo, 0.0
+    for task, w in pg.task_weights(cfg):
+        tb = batch.task(task)
+        logps, olds, masks, ents = [], [], [], []
+        for ro in tb.rollouts:
+            vocab = pg.task_head(model, world, task)
+            logp = torch.zeros(ro.step_map.shape, dtype=torch.float64)
+            ent = torch.zeros(ro.step_map.shape, dtype=torch.float64)
+            for run in score_plan(ro, cfg.score_groups):
+                member = torch.zeros_like(ro.step_map, dtype=torch.bool)
+                for t in run:
+                    member |= ro.step_map == t
+                cond = model(ro.state(run[0])).logits[:, ro.positions][..., vocab]
+                if ro.uncond_start is not None:
+                    unc = model(ro.uncond_state(run[0])).logits[:, ro.uncond_columns][..., vocab]
+                    cond = (1 + ro.cfg_scale) * cond - ro.cfg_scale * unc
+                full = torch.log_softmax(cond / ro.scoring_temperature, -1)
+                logp = torch.where(member, full.gather(-1, ro.targets()[..., None])[..., 0], logp)
+                ent = torch.where(member, -(full.exp() * full).sum(-1), ent)
+            logps.append(logp)
+            ents.append(ent)
+            olds.append(ro.old_logp.double())
+            masks.append(ro.step_map >= 0)
+        out = spec.clipped_policy_loss(torch.cat(logps), torch.cat(olds), tb.advantages.double(), torch.cat(masks),
+                                       epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
+                                       loss_agg_mode=a.loss_agg_mode, **algo_ops.loss_kwargs(a),
+                                       **({"entropy": torch.cat(ents)} if a.entropy_coef != 0 else {}))
+        total = total + w * out.loss
+    return total
+
+
+@pytest.mark.parametrize("knobs", [{"loss_type": "cispo", "epsilon_high": 2.0},
+                                   {"loss_type": "sapo", "loss_agg_mode": "seq-mean-token-sum"},
+                                   {"loss_type": "dppo_tv", "advantage_estimator": "rloo"},
+                                   {"entropy_coef": 0.05, "dual_clip_c": 3.0}])
+def test_every_runnable_loss_type_reaches_the_step_equal_to_the_float64_spec(world, pairs, gen, knobs):
+    """The `algo.` knobs (engine.algo.AlgoConfig, as the Janus engine reads them) reach the DiMOO step: loss and
+    gradients of the grouped backward equal the float64 spec over the task's whole token tensor."""
+    model = world.tiny_model(seed=5).double()
+    cfg = pg.DimooGRPOConfig(group_size=3, score_groups=2, image_steps=4, algo=AlgoConfig(mu=1, **knobs))
+    batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=7, step=1)
+    _assert_grouped_backward_equals(model, world, batch, cfg, gen, _spec_objective)
 
 
 # ----------------------------------------------------------------------------- grouped backward
@@ -225,7 +298,7 @@ def test_rollouts_of_a_group_are_batch_invariant_inside_the_step(world, pairs):
 
 def test_update_with_exact_scoring_starts_at_ratio_one(world, pairs):
     model = world.tiny_model(seed=2)
-    cfg = pg.DimooGRPOConfig(group_size=4, mu=1)
+    cfg = pg.DimooGRPOConfig(group_size=4, algo=AlgoConfig(mu=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=0, step=1)
     m = pg.update(model, opt, world, batch, cfg)
@@ -234,7 +307,7 @@ def test_update_with_exact_scoring_starts_at_ratio_one(world, pairs):
 
 
 def test_mu_inner_epochs_reuse_the_rollout_log_probs_and_skip_non_finite_updates(world, pairs):
-    cfg = pg.DimooGRPOConfig(group_size=4, mu=3)
+    cfg = pg.DimooGRPOConfig(group_size=4, algo=AlgoConfig(mu=3))
     model = world.tiny_model(seed=4)
     batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=1, step=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
