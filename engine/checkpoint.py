@@ -71,14 +71,40 @@ def _flatten(prefix: str, entry: dict, tensors: dict, plain: dict) -> None:
             plain[key] = value
 
 
-def _split_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _encode(value):
+    """JSON-safe copy of a non-tensor optimizer value; tuples (AdamW's betas) kept as {"__tuple__": [...]}."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"optimizer: cannot save a {type(value).__name__} in its state")
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def split_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors {"state/<pid>/<key>[/<sub>...]": tensor} at any depth, the JSON-safe
+    rest); both model families' checkpoints store an optimizer this way. `join_optimizer_state` inverts it."""
     tensors: dict[str, torch.Tensor] = {}
-    plain = {"param_groups": opt_state["param_groups"], "state": {}}
+    plain = {"param_groups": _encode(opt_state["param_groups"]), "state": {}}
     _SEEN[id(tensors)] = set()
     try:
         for pid, entry in opt_state["state"].items():
             plain["state"][str(pid)] = {}
             _flatten(f"state/{pid}", entry, tensors, plain["state"][str(pid)])
+            plain["state"][str(pid)] = _encode(plain["state"][str(pid)])
     finally:
         del _SEEN[id(tensors)]
     return tensors, plain
@@ -89,15 +115,16 @@ def _unflatten(plain: dict) -> dict:
             for k, v in plain.items()}
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
-    state: dict = {int(pid): _unflatten(entry) for pid, entry in plain["state"].items()}
+def join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    """The inverse of `split_optimizer_state`: a dict for `optimizer.load_state_dict`."""
+    state: dict = {int(pid): _unflatten(_decode(entry)) for pid, entry in plain["state"].items()}
     for key, value in tensors.items():
         parts = key.split("/")
         node = state.setdefault(int(parts[1]), {})
         for part in parts[2:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return {"state": state, "param_groups": plain["param_groups"]}
+    return {"state": state, "param_groups": _decode(plain["param_groups"])}
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -185,7 +212,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, ext
     master: {parameter name: fp32 master weight} to store beside the model's (lower-precision) weights.
     update: `PolicyOptimizer.update_state()` (written to update.safetensors when not empty).
     """
-    opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
+    opt_tensors, opt_plain = split_optimizer_state(optimizer.state_dict())
     rng_js, rng_tensors = rng_state()
     params = trainable_state(model)
     masters = {n: t.detach().contiguous().cpu() for n, t in master.items()} if master is not None else None
@@ -266,7 +293,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, *, master: dict[s
                 master[n].copy_(masters[n])
     tensors = load_file(str(path / "optimizer.safetensors"))
     opt_tensors = {k: v for k, v in tensors.items() if k.startswith("state/")}
-    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, state["optimizer"]))
+    optimizer.load_state_dict(join_optimizer_state(opt_tensors, state["optimizer"]))
     set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
     if load_update is not None:
         update_file = path / "update.safetensors"

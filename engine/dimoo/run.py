@@ -2,27 +2,33 @@
 
     result = run(world, cfg, steps=40, out="runs/dimoo", pairs=pairs, save_every=10)   # trains, saves
     result = run(world, cfg, steps=80, out="runs/dimoo", pairs=pairs, resume=True)     # from the newest good one
-    save_state(folder, model, optimizer, step, world, cfg)                              # one checkpoint
+    save_state(run_dir, model, optimizer, step, world, cfg)                             # one checkpoint
     state = load_state(folder, model, optimizer)                                        # verified, then loaded
     export(model, "exported/dimoo", source=base_folder)                                 # a Lumina-DiMOO folder
 
-A checkpoint `out/checkpoints/step_NNNNNN/`:
+Checkpoints live in the engine's one checkpoint store (`engine.checkpoint_store.CheckpointStore(run_dir)`, the
+same as the Janus family's): `run_dir/checkpoints/step_NNNNNN/`, a `latest` pointer naming the newest, and
+`.tmp_step_NNNNNN.HOST.PID/` folders of saves in progress (or of dead ones). One checkpoint holds:
 
     model/config.json, model/model.safetensors   `DimooModel.save_pretrained`: the released names, the model's dtype
     optimizer.safetensors                        every tensor of `optimizer.state_dict()` ("state/<pid>/<key>")
     optimizer.json                               the rest of it (param_groups, non-tensor state)
-    toy_tokenizer.json                           `ToyTokenizer.to_json()`: text ids stay the same on resume
-    state.json                                   step, seed, DimooGRPOConfig, run settings, model dtype/codebook
+    toy_tokenizer.json                           `ToyTokenizer.to_json()`, only for a toy world: text ids stay the
+                                                 same on resume (a world on a real Lumina-DiMOO folder has none)
+    state.json                                   "family": "dimoo", step, seed, `cfg.to_dict()`, run settings,
+                                                 model dtype/codebook
     metrics.jsonl                                the metrics rows of steps 1..step (strict JSON, `engine.metrics`)
-    manifest.json                                bytes + sha256 of every other file; written last (the commit mark)
+    manifest.json                                bytes + CRC-32 of every other file; written last by the store
 
-Writing (`save_state`): the folder is filled beside its final name (`files.staged_folder`: a hidden `.step_*`
-stage), every file is fsynced, the manifest is written last (`files.write_json`: temp, fsync, rename), and the
-stage is renamed into place (`files.swap_in`), then the parent directory is fsynced. A process killed at any point
-leaves either no `step_N` or a complete one; a half-written stage is hidden and never read (the next `run` holding
-the folder's lock removes it). Reading (`load_state` / `verify_state`): every file the manifest names must exist
-with its size and sha256 (one-line `CheckpointError` naming the first that does not), and no file may be missing
-from the manifest's list.
+Writing (`save_state`): the files go into the store's temp folder (`begin`), each is fsynced, then `publish`
+writes the manifest last (the commit mark), swaps the folder in as `step_NNNNNN`, points `latest` at it and
+prunes to `keep`. A process killed at any point leaves the previous checkpoint in charge: an unsealed or
+unpublished temp folder is never read, and the next `run` holding the folder's lock removes it
+(`remove_dead_temps`). Reading (`load_state`): `checkpoint_store.verify` first (every file the manifest names
+must exist with its size and CRC-32; one-line `CheckpointError` naming the first that does not), then a
+state.json without "family": "dimoo" (a Janus checkpoint, engine/checkpoint.py) is refused. Resume takes
+`resume_candidate()`: the checkpoint `latest` names, or the newest verified one when that is damaged (what it
+skipped is logged and returned; after such a fall-back nothing is pruned).
 
 Exact resume: every random draw of a step is a pure function of (seed, step) -- the rollout seeds
 (`engine.rollout.rollout_seeds`; the samplers draw counter-based Philox noise from them, no global RNG), the
@@ -34,18 +40,20 @@ the global RNGs before resuming and still gets the uninterrupted run bit for bit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint_store import CheckpointError, kill_point
-from ..files import atomic_writer, fsync_dir, sha256_file, staged_folder, write_json
+from ..checkpoint import join_optimizer_state, split_optimizer_state
+from ..checkpoint_store import CheckpointError, CheckpointStore, kill_point, verify
+from ..files import atomic_writer, fsync_dir, staged_folder, write_json
 from ..lock import RunLock
 from ..metrics import read_row, strict_row
 from ..seeds import data_order
@@ -56,15 +64,13 @@ from .pairgrpo import DimooGRPOConfig, train_step
 log = logging.getLogger("pairuni.dimoo.run")
 
 FORMAT = 1
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
+FAMILY = "dimoo"
 STATE = "state.json"
 MODEL_DIR = "model"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 TOKENIZER = "toy_tokenizer.json"
 METRICS = "metrics.jsonl"
-CHECKPOINT_MARKER = ".pairuni-dimoo-checkpoint"
 EXPORT_MARKER = ".pairuni-export"
 #: Files carried from an export's source folder (the tokenizer's and the VQ decoder's), when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -72,183 +78,119 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 VQ_DIR = "vqvae"
 #: Run settings that fix the trajectory: a resume with another value is refused.
 RUN_KEYS = ("seed", "lr", "pairs_per_step", "model_seed", "num_pairs")
-_STEP_NAME = re.compile(r"^step_(\d{6,})$")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 # ----------------------------------------------------------------------------- optimizer state <-> files
-def _encode(value):
-    """JSON-safe copy of a non-tensor optimizer value (tuples kept as {"__tuple__": [...]})."""
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise ValueError(f"optimizer: cannot save a {type(value).__name__} in its state")
-
-
-def _decode(value):
-    if isinstance(value, dict):
-        if set(value) == {"__tuple__"}:
-            return tuple(_decode(v) for v in value["__tuple__"])
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """optimizer.state_dict() -> (tensors {"state/<pid>/<key>": tensor}, JSON-safe rest). Tensor values of a
-    parameter's state must be at its top level (as torch's optimizers keep them)."""
-    tensors, plain = {}, {"param_groups": _encode(state["param_groups"]), "state": {}}
-    for pid, entry in state["state"].items():
-        rest = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state/{pid}/{key}"] = value.detach().contiguous().cpu().clone()
-            else:
-                rest[str(key)] = _encode(value)
-        plain["state"][str(pid)] = rest
-    return tensors, plain
-
-
-def join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
-    """The inverse of `split_optimizer_state`: a dict for `optimizer.load_state_dict`."""
-    state = {int(pid): _decode(rest) for pid, rest in plain["state"].items()}
-    for key, value in tensors.items():
-        _, pid, name = key.split("/", 2)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": _decode(plain["param_groups"])}
-
-
-# ----------------------------------------------------------------------------- manifest
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _content(folder: Path) -> list[Path]:
-    """Every file under `folder` but the manifest, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    """bytes + sha256 of every file of `folder` (each fsynced first), written last, atomically."""
-    files = {}
-    for p in _content(folder):
-        _fsync(p)
-        files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    for d in sorted({p.parent for p in _content(folder)}, reverse=True):
-        fsync_dir(d)
-    write_json(folder / MANIFEST, {"format": FORMAT, "step": step, "files": files})
-    fsync_dir(folder)
-
-
-def verify_state(folder: str | os.PathLike) -> dict:
-    """Check `folder` against its manifest; returns the manifest. Raises CheckpointError (one line) naming the
-    first file that is missing, truncated, changed or not in the manifest."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder}: no such folder")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (the save did not finish)")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(files, dict):
-            raise ValueError(f"unknown format {manifest.get('format')!r}")
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable manifest ({err})") from None
-    for name, want in files.items():
-        p = folder / name
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint file {p}: missing")
-        size = p.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(f"checkpoint file {p}: {size} bytes, the manifest says {want['bytes']} "
-                                  "(truncated or replaced)")
-        got = sha256_file(p)
-        if got != want["sha256"]:
-            raise CheckpointError(f"checkpoint file {p}: sha256 {got[:16]}... != {want['sha256'][:16]}... in the "
-                                  "manifest (the file is damaged)")
-    extra = [p.relative_to(folder).as_posix() for p in _content(folder)
-             if p.relative_to(folder).as_posix() not in files]
-    if extra:
-        raise CheckpointError(f"checkpoint file {folder / extra[0]}: not in the manifest (added after the save)")
-    return manifest
-
-
 # ----------------------------------------------------------------------------- save / load
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every directory (deepest first): the store seals only what is on
+    disk."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for p in files:
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    for d in sorted({p.parent for p in files} | {folder}, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
+
+
 def _require_finite(model) -> None:
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ValueError(f"model: {name} holds NaN/inf; not saved (the previous checkpoint stays)")
 
 
-def save_state(folder: str | os.PathLike, model: DimooModel, optimizer: torch.optim.Optimizer, step: int, world,
-               cfg: DimooGRPOConfig, *, seed: int = 0, run: dict | None = None,
-               metrics: list[dict] | None = None) -> Path:
-    """Write one verified checkpoint of the DiMOO PairGRPO loop at `folder` (module docstring for its files).
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_writer(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
 
-    folder: the checkpoint's final path (`run` uses out/checkpoints/step_NNNNNN); an existing one is replaced
-    only once the new one is complete, and only if a save wrote it. step: optimizer steps taken (>= 0);
-    seed: the rollout seed; run: JSON-safe settings (`RUN_KEYS`); metrics: the rows of steps 1..step.
-    Returns the folder. Test hooks (engine.checkpoint_store.kill_point): "save:files_written" after every file
-    but the manifest, "save:sealed" after the manifest, before the rename."""
+
+def save_state(run_dir: str | os.PathLike, model: DimooModel, optimizer: torch.optim.Optimizer, step: int, world,
+               cfg: DimooGRPOConfig, *, seed: int = 0, run: dict | None = None, metrics: list[dict] | None = None,
+               keep: int = 0, extra: dict | None = None) -> Path:
+    """Write one checkpoint of the DiMOO PairGRPO loop into the checkpoint store of `run_dir` and publish it as
+    run_dir/checkpoints/step_NNNNNN (module docstring for its files); returns that folder.
+
+    step: optimizer steps taken (>= 0); seed: the rollout seed; run: JSON-safe settings (`RUN_KEYS`); metrics:
+    the rows of steps 1..step; keep: checkpoints kept after publishing (<= 0: all); extra: JSON-safe top-level
+    keys of state.json besides this module's (`pairuni train` adds the run's engine "config" and its
+    "data_fingerprint", which `engine.run_start.start_point` checks on resume). toy_tokenizer.json is written
+    only when `world.tokenizer` is an `engine.text.ToyTokenizer`. A model holding NaN/inf is refused before
+    anything is written; on any error the temp folder is removed and the previous checkpoint stays. Kill points
+    (PAIRUNI_KILL_AT): the store's "save:files_written", "save:sealed", "save:swapped", "save:published"."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: expected an int >= 0, got {step!r}")
     if not isinstance(cfg, DimooGRPOConfig):
         raise ValueError(f"cfg: expected a DimooGRPOConfig, got {type(cfg).__name__}")
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise ValueError(f"keep: expected an int, got {keep!r}")
     _require_finite(model)
     from safetensors.torch import save_file
 
-    folder = Path(folder)
     dtype = next(model.parameters()).dtype
-    state = {"format": FORMAT, "step": step, "seed": seed, "cfg": asdict(cfg), "run": dict(run or {}),
-             "model": {"dtype": next(k for k, v in DTYPES.items() if v == dtype),
-                       "codebook_size": model.config.codebook_size}}
-    with staged_folder(folder, overwrite=True, marker=CHECKPOINT_MARKER) as stage:
-        model.save_pretrained(stage / MODEL_DIR)
+    clash = sorted(set(extra or {}) & {"format", "family", "step", "seed", "cfg", "run", "model"})
+    if clash:
+        raise ValueError(f"extra: {clash} are this module's own state.json keys")
+    state = {**(extra or {}), "format": FORMAT, "family": FAMILY, "step": step, "seed": seed, "cfg": cfg.to_dict(),
+             "run": dict(run or {}), "model": {"dtype": next(k for k, v in DTYPES.items() if v == dtype),
+                                               "codebook_size": model.config.codebook_size}}
+    tokenizer = _toy_tokenizer(world)
+    store = CheckpointStore(run_dir)
+    tmp = store.begin(step)
+    try:
+        model.save_pretrained(tmp / MODEL_DIR)
         tensors, plain = split_optimizer_state(optimizer.state_dict())
-        save_file(tensors, stage / OPTIMIZER_TENSORS, metadata={"format": "pt"})
-        write_json(stage / OPTIMIZER_JSON, plain)
-        with atomic_writer(stage / TOKENIZER) as fh:
-            fh.write(world.tokenizer.to_json() + "\n")
-        with atomic_writer(stage / METRICS) as fh:
-            for row in metrics or []:
-                fh.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
-        write_json(stage / STATE, state)
-        kill_point("save:files_written")
-        write_manifest(stage, step)
-        kill_point("save:sealed")
-    fsync_dir(folder.parent)
-    return folder
+        save_file(tensors, tmp / OPTIMIZER_TENSORS, metadata={"format": "pt"})
+        write_json(tmp / OPTIMIZER_JSON, plain)
+        if tokenizer is not None:
+            with atomic_writer(tmp / TOKENIZER) as fh:
+                fh.write(tokenizer.to_json() + "\n")
+        _write_rows(tmp / METRICS, metrics or [])
+        write_json(tmp / STATE, state)
+        _fsync_tree(tmp)
+        return store.publish(tmp, step, keep)
+    except BaseException:
+        store.abort(tmp)  # once published the temp folder is gone: the abort is a no-op then
+        raise
 
 
 @dataclass
 class LoadedState:
     """What `load_state` read. model: the given one (weights loaded) or one built from the checkpoint;
-    tokenizer: the run's toy tokenizer (build the world with it: `ToyDimooWorld.build(pairs, root, tokenizer=)`)."""
+    tokenizer: the run's toy tokenizer (build the world with it: `ToyDimooWorld.build(pairs, root, tokenizer=)`),
+    None when the checkpoint has none (a world on a real Lumina-DiMOO folder)."""
 
     model: DimooModel
     step: int
     seed: int
     cfg: DimooGRPOConfig
-    tokenizer: ToyTokenizer
+    tokenizer: ToyTokenizer | None
     run: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
 
 
+def read_state(folder: str | os.PathLike) -> dict:
+    """state.json of the DiMOO checkpoint `folder` (not verified: `load_state` verifies first). One-line
+    CheckpointError naming state.json when it is unreadable, of another family or of an unknown format."""
+    path = Path(folder) / STATE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"expected an object, got {type(state).__name__}")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file {path}: unreadable ({type(err).__name__}: {err})") from None
+    if state.get("family") != FAMILY:
+        raise CheckpointError(f"checkpoint file {path}: family {state.get('family')!r}, expected {FAMILY!r} "
+                              "(not a DiMOO checkpoint: a Janus one is loaded by engine/checkpoint.py)")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint file {path}: unknown format {state.get('format')!r}")
+    return state
+
+
 def load_state(folder: str | os.PathLike, model: DimooModel | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> LoadedState:
-    """Verify `folder` (`verify_state`: a changed or truncated file is refused naming it), then load it.
+    """Verify `folder` (`checkpoint_store.verify`: a missing, truncated or changed file is refused naming it),
+    check its state.json (`read_state`: "family": "dimoo"), then load it.
 
     model: weights copied in exactly (names, shapes and dtype must match; one-line ValueError otherwise);
     None builds the model from the checkpoint's model/ folder in its saved dtype. optimizer: built on `model`'s
@@ -256,10 +198,8 @@ def load_state(folder: str | os.PathLike, model: DimooModel | None = None,
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    verify_state(folder)
-    state = json.loads((folder / STATE).read_text())
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint file {folder / STATE}: unknown format {state.get('format')!r}")
+    verify(folder)
+    state = read_state(folder)
     if optimizer is not None and model is None:
         raise ValueError("optimizer: needs the model it was built on (pass model too)")
     mdir = folder / MODEL_DIR
@@ -274,8 +214,10 @@ def load_state(folder: str | os.PathLike, model: DimooModel | None = None,
         optimizer.load_state_dict(join_optimizer_state(tensors, plain))
     text = (folder / METRICS).read_text()
     metrics = [read_row(line) for line in text.splitlines() if line.strip()]
-    return LoadedState(model, int(state["step"]), int(state["seed"]), DimooGRPOConfig(**state["cfg"]),
-                       ToyTokenizer.from_json((folder / TOKENIZER).read_text()), state.get("run", {}), metrics)
+    tok = folder / TOKENIZER
+    tokenizer = ToyTokenizer.from_json(tok.read_text()) if tok.is_file() else None
+    return LoadedState(model, int(state["step"]), int(state["seed"]), DimooGRPOConfig.from_dict(state["cfg"]),
+                       tokenizer, state.get("run", {}), metrics)
 
 
 def _load_weights(model: DimooModel, mdir: Path, codebook_size: int) -> None:
@@ -304,45 +246,6 @@ def _load_weights(model: DimooModel, mdir: Path, codebook_size: int) -> None:
         raise ValueError(f"model: {mdir} lacks {missing[:4]} ({len(missing)})")
 
 
-def checkpoint_folders(out: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every `step_NNNNNN` folder of out/checkpoints, oldest first (hidden stages excluded)."""
-    root = Path(out) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_NAME.match(p.name))]
-    return sorted(found)
-
-
-def latest_verified(out: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint of `out` that verifies or None, one line per newer one skipped and why)."""
-    skipped = []
-    for _, path in reversed(checkpoint_folders(out)):
-        try:
-            verify_state(path)
-            return path, skipped
-        except CheckpointError as err:
-            skipped.append(str(err))
-    return None, skipped
-
-
-def remove_dead_stages(out: str | os.PathLike) -> list[Path]:
-    """Remove the hidden stages (`.step_*`) of out/checkpoints; call only while holding the run folder's lock
-    (then no live process is saving there). A copy swapped aside (`.step_N.old-PID`) whose step_N is missing is
-    moved back instead."""
-    root = Path(out) / CHECKPOINTS
-    gone = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if not p.name.startswith(".step_"):
-                continue
-            aside = re.match(r"^\.(step_\d+)\.old-\d+$", p.name)
-            if aside and not (root / aside.group(1)).exists():
-                os.replace(p, root / aside.group(1))  # killed between swap_in's two renames: the only copy
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            gone.append(p)
-    return gone
-
 
 # ----------------------------------------------------------------------------- the loop
 def step_pairs(pairs: list, seed: int, step: int, per_step: int) -> list:
@@ -363,76 +266,126 @@ def step_pairs(pairs: list, seed: int, step: int, per_step: int) -> list:
 
 @dataclass
 class RunResult:
-    """model, optimizer after the last step; rows: the metrics of steps 1..steps; resumed_from: the checkpoint
-    the run continued from (None: fresh); skipped: checkpoints passed over on resume, one line each."""
+    """model, optimizer after the last step; rows: the metrics of steps 1..(last step taken); resumed_from: the
+    checkpoint the run continued from (None: fresh); skipped: checkpoints passed over on resume, one line each;
+    stopped: `should_stop` ended the run before `steps`; checkpoint: the newest checkpoint written or resumed
+    (None: none)."""
 
     model: DimooModel
     optimizer: torch.optim.Optimizer
     rows: list[dict]
     resumed_from: Path | None = None
     skipped: list[str] = field(default_factory=list)
+    stopped: bool = False
+    checkpoint: Path | None = None
 
 
-def _write_metrics(out: Path, rows: list[dict]) -> None:
-    with atomic_writer(out / METRICS) as fh:
-        for row in rows:
-            fh.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
+def _plain(value):
+    """`value` as JSON reads it back (tuples become lists): what a saved config is compared as."""
+    return json.loads(json.dumps(value))
+
+
+def _changed(saved, given, prefix: str) -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts (nested dicts compared key by key)."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        keys = list(given) + [k for k in saved if k not in given]
+        return [c for k in keys for c in _changed(saved.get(k), given.get(k), f"{prefix}.{k}")]
+    return [] if saved == given else [prefix]
+
+
+def _toy_tokenizer(world) -> ToyTokenizer | None:
+    tokenizer = getattr(world, "tokenizer", None)
+    return tokenizer if isinstance(tokenizer, ToyTokenizer) else None
 
 
 def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pairs: list, resume: bool = False,
         save_every: int = 1, seed: int = 0, lr: float = 1e-2, pairs_per_step: int = 4, model_seed: int = 0,
-        model: DimooModel | None = None) -> RunResult:
-    """Train `steps` PairGRPO steps (`pairgrpo.train_step`, AdamW(lr, weight_decay=0)) on `step_pairs`, saving
-    a checkpoint every `save_every` steps and at the last one (0: only the last), and out/metrics.jsonl after
-    every step. The run folder is locked (`engine.lock.RunLock`) for the run's life.
+        model: DimooModel | None = None, keep: int = 0,
+        optimizer_factory: Callable[[list], torch.optim.Optimizer] | None = None,
+        on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+        lock: bool = True, extra: dict | None = None) -> RunResult:
+    """Train `steps` PairGRPO steps (`pairgrpo.train_step`) on `step_pairs`, saving a checkpoint (`save_state`,
+    keeping the newest `keep`; <= 0: all) every `save_every` steps and at the last one (0: only the last), and
+    out/metrics.jsonl after every step. The run folder is locked (`engine.lock.RunLock`) for the run's life
+    (lock=False: the caller holds it already), and dead temp folders of its checkpoint store are removed first.
 
-    resume=False: `out` must hold no checkpoint (one-line ValueError). resume=True: continue from the newest
-    verified checkpoint (newer damaged or unfinished ones are skipped with a warning naming them; none at all:
-    start fresh); its cfg, seed, lr, pairs_per_step, model_seed, number of pairs and toy tokenizer must equal
-    these (one line listing what changed). model: the start model (default `world.tiny_model(model_seed)`)."""
+    resume=False: `out` must hold no checkpoint (one-line ValueError). resume=True: continue from the store's
+    `resume_candidate()` (the `latest` one, or the newest verified one when it is damaged: what was skipped is
+    logged, returned, and nothing is pruned by this run; none at all: start fresh; checkpoints of which none
+    verifies: CheckpointError); its cfg, seed, lr, pairs_per_step, model_seed, number of pairs and toy tokenizer
+    must equal these (one line listing what changed). model: the start model (default
+    `world.tiny_model(model_seed)`). optimizer_factory: callable(list of the model's parameters) -> optimizer
+    (default AdamW(lr, weight_decay=0)). on_step: called with each step's metrics row once out/metrics.jsonl
+    holds it. should_stop: checked after each step but the last; when it returns True the step is saved (unless
+    it just was) and the run returns with `stopped=True`. extra: state.json keys of every checkpoint (`save_state`)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
         raise ValueError(f"save_every: expected an int >= 0, got {save_every!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise ValueError(f"keep: expected an int, got {keep!r}")
     out = Path(out)
     settings = {"seed": seed, "lr": lr, "pairs_per_step": pairs_per_step, "model_seed": model_seed,
                 "num_pairs": len(pairs)}
-    with RunLock.acquire(out):
-        remove_dead_stages(out)
+    with RunLock.acquire(out) if lock else contextlib.nullcontext():
+        store = CheckpointStore(out)
+        store.remove_dead_temps()
         model = model if model is not None else world.tiny_model(seed=model_seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        params = list(model.parameters())
+        optimizer = (optimizer_factory(params) if optimizer_factory is not None
+                     else torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
         start, rows, found, skipped = 0, [], None, []
         if resume:
-            found, skipped = latest_verified(out)
+            point = store.resume_candidate()
+            found, skipped = point.path, point.skipped
             for line in skipped:
                 log.warning("resume: skipped %s", line)
+            if point.fell_back:
+                keep = 0  # the skipped folders are evidence: this run prunes nothing (CheckpointStore.prune)
             if found is not None:
                 st = load_state(found, model, optimizer)
                 changed = [k for k in RUN_KEYS if st.run.get(k) != settings[k]]
-                changed += [f"cfg.{f.name}" for f in fields(cfg) if getattr(st.cfg, f.name) != getattr(cfg, f.name)]
-                if st.tokenizer.vocab != world.tokenizer.vocab:
+                changed += _changed(_plain(st.cfg.to_dict()), _plain(cfg.to_dict()), "cfg")
+                mine = _toy_tokenizer(world)
+                if (st.tokenizer is None) != (mine is None) or (mine is not None and st.tokenizer.vocab != mine.vocab):
                     changed.append("tokenizer")
                 if changed:
                     raise ValueError(f"resume: {found} was written with other settings: {changed} changed")
                 start, rows = st.step, st.metrics
                 log.info("resume: from %s (step %d)", found, start)
-        elif checkpoint_folders(out):
+        elif store.step_folders():
             raise ValueError(f"out: {out} already holds checkpoints (pass resume=True, or another folder)")
+        checkpoint, stopped = found, False
+
+        def save(step: int) -> Path:
+            return save_state(out, model, optimizer, step, world, cfg, seed=seed, run=settings, metrics=rows,
+                              keep=keep, extra=extra)
+
         for step in range(start + 1, steps + 1):
-            rows.append(train_step(model, optimizer, world, step_pairs(pairs, seed, step, pairs_per_step), cfg,
-                                   seed=seed, step=step))
-            _write_metrics(out, rows)
-            if step == steps or (save_every and step % save_every == 0):
-                save_state(out / CHECKPOINTS / step_name(step), model, optimizer, step, world, cfg, seed=seed,
-                           run=settings, metrics=rows)
+            row = train_step(model, optimizer, world, step_pairs(pairs, seed, step, pairs_per_step), cfg,
+                             seed=seed, step=step)
+            rows.append(row)
+            _write_rows(out / METRICS, rows)
+            if on_step is not None:
+                on_step(row)
+            saved = step == steps or bool(save_every and step % save_every == 0)
+            if saved:
+                checkpoint = save(step)
+            if step < steps and should_stop is not None and should_stop():
+                if not saved:
+                    checkpoint = save(step)
+                stopped = True
+                log.info("stopped after step %d of %d (checkpoint %s)", step, steps, checkpoint)
+                break
         if start >= steps:
-            _write_metrics(out, rows)
-    return RunResult(model, optimizer, rows, found, skipped)
+            _write_rows(out / METRICS, rows)
+    return RunResult(model, optimizer, rows, found, skipped, stopped, checkpoint)
 
 
 # ----------------------------------------------------------------------------- export
 def export(model: DimooModel, out: str | os.PathLike, *, source: str | os.PathLike | None = None, vq=None,
-           dtype: str | None = None, shards: int = 1, overwrite: bool = False) -> Path:
+           dtype: str | None = None, shards: int = 1, overwrite: bool = False,
+           extra_files: dict[str, Path] | None = None) -> Path:
     """Write `model` as a Lumina-DiMOO folder: config.json + safetensors under the released names
     (`DimooModel.save_pretrained`, `shards` files), the tokenizer files (`TOKENIZER_FILES`) and vqvae/ of
     `source` when given, else vqvae/ from `vq` (a diffusers VQModel, e.g. the toy world's) when given.
@@ -442,7 +395,8 @@ def export(model: DimooModel, out: str | os.PathLike, *, source: str | os.PathLi
     (`files.staged_folder`, marker `.pairuni-export`): `out` is never half-written; an existing `out` is
     refused unless `overwrite` and an earlier export wrote it. A model whose codebook is not 8192 codes needs
     a vqvae/ (source or vq) so that `from_pretrained` reads its codebook size: ValueError otherwise.
-    Test hook: kill_point("export:files_written") before the rename."""
+    extra_files: {name: file} copied into the folder too. Test hook: kill_point("export:files_written") before
+    the rename."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     src = None if source is None else Path(source)
@@ -470,8 +424,9 @@ def export(model: DimooModel, out: str | os.PathLike, *, source: str | os.PathLi
                 shutil.copytree(src / VQ_DIR, stage / VQ_DIR)
         if vq is not None and not (stage / VQ_DIR).exists():
             vq.save_pretrained(stage / VQ_DIR)
-        for p in _content(stage):
-            _fsync(p)
+        for name, path in (extra_files or {}).items():  # e.g. a tiny run's toy_tokenizer.json
+            shutil.copy2(path, stage / name)
+        _fsync_tree(stage)
         kill_point("export:files_written")
     fsync_dir(out.parent)
     return out
