@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 
-from . import algo, distributed, lora, optim, policy, preflight, rewards, run_start
+from . import algo, distributed, family, lora, optim, policy, preflight, rewards, run_start
 from .config import Config, ConfigError, check_values, require
 
-RULES = (algo.check_config, lora.check_config, policy.check_config, rewards.check_config, optim.check_config,
-         distributed.check_config, run_start.check_config)
+RULES = (family.check_config, algo.check_config, lora.check_config, policy.check_config, rewards.check_config,
+         optim.check_config, distributed.check_config, run_start.check_config)
 _FROM_ENV = object()
 
 
@@ -43,9 +43,17 @@ def check_environment(cfg: Config) -> None:
     """The model folder, pairs files, image root, device, run folder and packages the config needs (read,
     never written)."""
     m, d, t = cfg.model, cfg.data, cfg.train
+    family.check_buildable(cfg)
     require(m.path is None or os.path.isdir(m.path), "model.path", "an existing local directory (nothing is "
             "downloaded)", m.path)
-    if m.path is not None:
+    if m.path is not None and m.family == "dimoo":
+        from .dimoo.folder_world import check_dimoo_folder
+
+        try:
+            check_dimoo_folder(m.path)
+        except ValueError as exc:
+            raise ConfigError(f"model.path: {exc}") from None
+    elif m.path is not None:
         preflight.check_model_dir(m.path)
     lora.check_environment(cfg)
     require(d.pairs_path is None or os.path.isfile(d.pairs_path), "data.pairs_path", "an existing JSONL file",

@@ -38,6 +38,8 @@ ImageLogprob = Literal["cond", "cfg"]
 Optimizer = Literal["adamw8bit", "adamw"]
 Update = Literal["round", "kahan", "stochastic_rounding"]
 OnExisting = Literal["refuse", "set_aside", "overwrite"]
+Family = Literal["janus_pro", "dimoo"]
+RevealOrder = Literal["random", "confidence"]
 
 #: What trains by default: everything but the vision encoder, the VQ model and the generation embeddings.
 DEFAULT_TRAIN_MODULES = ("language_model", "aligner", "generation_aligner", "generation_head", "lm_head")
@@ -72,8 +74,12 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    family: Family = "janus_pro"
+    """janus_pro (autoregressive Janus-Pro; engine/model.py) | dimoo (Lumina-DiMOO, discrete diffusion;
+    engine/dimoo/, docs/DIMOO.md). One line switches a run's family; the keys each family does not read are
+    refused when set (engine/family.py)."""
     path: str | None = None
-    """Local Hugging Face directory of a Janus-Pro checkpoint (safetensors). None: the tiny random Janus."""
+    """Local Hugging Face directory of a checkpoint of model.family (safetensors). None: the tiny random model."""
     dtype: Dtype = "float32"
     """Parameter dtype: float32 | bfloat16 | float16. Real runs use bfloat16."""
     attn_implementation: AttnImplementation = "auto"
@@ -136,6 +142,21 @@ class RolloutConfig:
     """Most rollouts (rows) sampled at once per task; bounds KV-cache memory (0: all P * G at once)."""
     compile: bool = False
     """torch.compile the rollouts' decode step (CUDA: captured once as a CUDA graph and replayed); same tokens."""
+    image_steps: int = 4
+    """model.family=dimoo: denoising steps of the image sampler (cosine schedule; Lumina-DiMOO uses 64)."""
+    text_steps: int = 2
+    """model.family=dimoo: denoising steps of an answer (LLaDA block sampler; a multiple of its blocks)."""
+    text_block_length: int = 2
+    """model.family=dimoo: block length of the answer sampler (max_new_tokens is a multiple of it)."""
+    reveal_order: RevealOrder = "random"
+    """model.family=dimoo: which masked tokens a step reveals: random (from the rollout's seed, not the model:
+    the scored ratio is exact) | confidence (DiMOO's own; the ratio omits the position choice: approximate)."""
+    score_groups: int = 0
+    """model.family=dimoo: most forwards (and live activations) per rollout in the update: a rollout's steps are
+    split into this many runs, each scored at its first step's state (0: one per step, exact)."""
+    image_resolution: int = 0
+    """model.family=dimoo: generated image side in pixels, a multiple of 16 (0: the model's default: 512 for a
+    Lumina-DiMOO folder, 64 for the tiny toy-world model)."""
 
 
 @dataclass
@@ -397,6 +418,11 @@ def check_values(cfg: Config) -> None:
     require(r.image_top_k >= 0, "rollout.image_top_k", "an integer >= 0", r.image_top_k)
     require(0 < r.image_top_p <= 1, "rollout.image_top_p", "a number in (0, 1]", r.image_top_p)
     require(r.max_batch >= 0, "rollout.max_batch", "an integer >= 0", r.max_batch)
+    for key in ("image_steps", "text_steps", "text_block_length"):
+        require(getattr(r, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(r, key))
+    require(r.score_groups >= 0, "rollout.score_groups", "an integer >= 0 (0: one forward per step)", r.score_groups)
+    require(r.image_resolution >= 0 and r.image_resolution % 16 == 0, "rollout.image_resolution",
+            "0 or a multiple of 16 (the VQ's downsampling)", r.image_resolution)
     require(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)

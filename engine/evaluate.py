@@ -272,10 +272,18 @@ def evaluate(model, prompts, pairs: list, cfg, *, images, seed: int = 0, samples
             "understanding": "greedy answer, accuracy", "cfg_scale": cfg.rollout.cfg_scale,
             "image_temperature": cfg.rollout.image_temperature, "max_new_tokens": cfg.rollout.max_new_tokens,
             **(settings or {})}
+    return finish_report(questions, prompt_rows, info, grid_images, name, samples)
+
+
+def finish_report(questions: list, prompt_rows: list, info: dict, grid_images: list, reward_name: str,
+                  samples: int) -> EvalReport:
+    """The EvalReport of an evaluation's rows, with the image grid of the first prompts' images (`grid_images`:
+    [3, S, S] tensors, `samples` per prompt), each labelled with its `reward_name` reward and attribute checks.
+    Both model families' evaluations end here."""
     picture = None
     if grid_images:
         shown = prompt_rows[:len(grid_images)]
-        labels = [[_label(name, r, a) for r, a in zip(p["rewards"], p["attributes"] or [None] * samples)]
+        labels = [[_label(reward_name, r, a) for r, a in zip(p["rewards"], p["attributes"] or [None] * samples)]
                   for p in shown]
         picture = image_grid(torch.stack(grid_images), [p["prompt"] for p in shown], labels)
     return EvalReport(questions, prompt_rows, info, picture)
@@ -346,6 +354,10 @@ def eval_config(saved: dict | None, path: str | None = None, overrides=(), *, pa
 
 
 def run(args) -> int:
+    from .family import family_of_source
+    if family_of_source(args.model) == "dimoo":  # engine/dimoo/evaluate.py: same arguments and output
+        from .dimoo.evaluate import run as run_dimoo
+        return run_dimoo(args)
     from . import distributed
     from .build import image_cache
     from .config import ConfigError

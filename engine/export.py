@@ -199,10 +199,29 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .family import family_of_source
+
+    if family_of_source(args.source) == "dimoo":  # a Lumina-DiMOO run (engine/dimoo/commands.py)
+        return _run_dimoo(args)
     try:
         out = export_policy(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device,
                             adapter_only=args.adapter_only)
     except (ExportError, PolicySourceError) as exc:
+        return user_error("export", args, exc)
+    print(f"exported {args.source} -> {out}")
+    return 0
+
+
+def _run_dimoo(args) -> int:
+    from .checkpoint_store import CheckpointError
+    from .dimoo.commands import export_run
+
+    try:
+        if args.adapter_only:
+            raise ExportError("--adapter-only: a DiMOO LoRA run is exported merged (W + s B A); adapter-only "
+                              "folders are Janus-Pro's (peft)")
+        out = export_run(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (ExportError, CheckpointError, ValueError) as exc:
         return user_error("export", args, exc)
     print(f"exported {args.source} -> {out}")
     return 0

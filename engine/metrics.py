@@ -103,33 +103,36 @@ class MetricsLog:
             self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def plot(self) -> Path | None:
-        if not self.enabled:
-            return None
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        steps = [r["step"] for r in self.rows]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in REWARD_KEYS:
-            ax.plot(steps, [r[key] for r in self.rows], marker=".", label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean reward")
-        ax.set_title("PairGRPO rewards")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = self.run_dir / "reward_curve.png"
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        return out
+        return plot_rewards(self.run_dir, self.rows) if self.enabled else None
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def plot_rewards(run_dir: Path, rows: list[dict]) -> Path | None:
+    """run_dir/reward_curve.png: both mean rewards per step of `rows` (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in REWARD_KEYS:
+        ax.plot(steps, [r[key] for r in rows], marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("PairGRPO rewards")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "reward_curve.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -26,7 +26,7 @@ from .cli import user_error
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a Janus model with PairGRPO",
+        "train", help="train a Janus-Pro or Lumina-DiMOO model (model.family) with PairGRPO",
         description="PairGRPO training. Overrides are dotted keys, e.g. rollout.group_size=4 train.steps=100.",
     )
     p.add_argument("--config", default=None, help="YAML file (default: the tiny demo, configs/tiny.yaml)")
@@ -88,7 +88,12 @@ def _train(args, cfg, stop) -> int:
     try:
         with stop.interruptible():  # a signal abandons the start: nothing of the run is written before the model loads
             kill_point("start")
-            trainer = PairGRPOTrainer.from_config(cfg)
+            if cfg.model.family == "dimoo":  # the second model family (engine/family.py, engine/dimoo/trainer.py)
+                from .dimoo.trainer import DimooTrainer
+
+                trainer = DimooTrainer.from_config(cfg)
+            else:
+                trainer = PairGRPOTrainer.from_config(cfg)
     except ConfigError as exc:
         distributed.shutdown()
         return user_error("train", args, exc, "config error: ")

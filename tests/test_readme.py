@@ -57,7 +57,7 @@ RUN_ELSEWHERE = {
 RUN_HERE = {"plan", "toy-world", "validate", "build-pairs", "train", "eval", "export", "probe-gradients"}
 #: What this file adds to a command only shrinks it (the walk-through's rule).
 SHRINK = {"toy-world": ["--n", "12", "--size", "32", "--quiet"],
-          "train": ["train.steps=2", "train.progress=false", "rollout.group_size=2", "rollout.max_new_tokens=3"],
+          "train": ["train.steps=2", "train.progress=false", "rollout.group_size=2", "rollout.max_new_tokens=2"],
           "eval": ["--samples", "1", "--max-pairs", "4", "--no-progress"],
           "probe-gradients": ["rollout.group_size=2", "rollout.max_new_tokens=3", "train.progress=false"]}
 

@@ -1,0 +1,214 @@
+"""`pairuni train model.family=dimoo` (engine/family.py, engine/dimoo/trainer.py): one config line switches the
+family; the engine's resume rules, optimizer (8-bit, masters, Kahan, stochastic rounding), signals, LoRA and
+export hold for DiMOO; the keys of the other family are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint_store import PAUSE_ENV, PAUSE_FILE_ENV, verify
+from engine.cli import main
+from engine.family import family_of_source
+
+REPO = Path(__file__).resolve().parents[3]
+RUN = "import sys; from engine.train_cli import main; sys.exit(main(sys.argv[1:]))"
+#: A short DiMOO run: 4 pairs, 2 per step, G = 2, the toy world's 4 x 4 code grid.
+TINY = ["model.family=dimoo", "data.max_pairs=4", "data.pairs_per_step=2", "rollout.group_size=2",
+        "train.progress=false"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(run_dir: Path, *extra: str) -> int:
+    return main(["train", *TINY, f"train.run_dir={run_dir}", *extra])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    ck = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(ck / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_one_config_line_switches_the_family(tmp_path, capsys):
+    assert train(tmp_path / "run", "train.steps=2") == 0
+    out = capsys.readouterr().out
+    assert "PairGRPO: 2 steps" in out
+    ck = tmp_path / "run" / "checkpoints" / "step_000002"
+    verify(ck)
+    state = json.loads((ck / "state.json").read_text())
+    assert state["family"] == "dimoo" and state["config"]["model"]["family"] == "dimoo"
+    assert state["cfg"]["group_size"] == 2 and state["cfg"]["cfg_scale"] == 4.0  # w = rollout.cfg_scale 5 - 1
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
+    assert family_of_source(tmp_path / "run") == family_of_source(ck) == "dimoo"
+
+
+@pytest.mark.parametrize("optim", [
+    [],                                                                       # adamw8bit (bitsandbytes), fp32
+    ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.update=stochastic_rounding"],
+    ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.update=kahan"],
+    ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.master_weights=true"],
+], ids=["adamw8bit", "stochastic_rounding", "kahan", "master_weights"])
+def test_resume_through_the_cli_equals_the_straight_run(tmp_path, optim):
+    """2 steps, stop, resume to 4 == 4 straight: the optimizer's whole state (8-bit moments, the rounding
+    generator, Kahan buffers, fp32 masters) is in the checkpoint."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(straight, "train.steps=4", *optim) == 0
+    assert train(split, "train.steps=2", *optim) == 0
+    assert train(split, "train.steps=4", "train.resume=true", *optim) == 0
+    assert rows(split) == rows(straight)
+    assert_same_weights(weights(split), weights(straight))
+
+
+def test_a_resume_with_another_objective_is_refused_in_one_line(tmp_path, capsys):
+    assert train(tmp_path / "run", "train.steps=1") == 0
+    capsys.readouterr()
+    assert train(tmp_path / "run", "train.steps=2", "train.resume=true", "algo.epsilon_high=0.3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algo.epsilon_high" in err[0] and "train.resume" in err[0]
+    # a fresh start into the used folder is refused too, naming the way out
+    assert train(tmp_path / "run", "train.steps=2") == 2
+    assert "train.on_existing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("family", "key", "value"), [
+    ("janus_pro", "rollout.score_groups", "2"), ("janus_pro", "rollout.reveal_order", "confidence"),
+    ("dimoo", "rollout.image_top_k", "3"), ("dimoo", "optim.micro_batch_size", "4"),
+    ("dimoo", "algo.loss_type", "geo_mean"), ("dimoo", "rollout.temperature", "0"),
+    ("dimoo", "rollout.text_steps", "3"), ("dimoo", "reward.generation", "clip"),
+])
+def test_keys_the_family_does_not_read_are_refused_in_one_line(tmp_path, capsys, family, key, value):
+    rc = main(["train", f"model.family={family}", f"{key}={value}", f"train.run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_saves_the_finished_step_and_the_resume_is_exact(tmp_path):
+    """SIGTERM while step 1's checkpoint is being written (paused there): the save finishes, the run stops
+    with exit 143 and one line naming the checkpoint; the resume reaches the uninterrupted run's numbers."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert train(straight, "train.steps=3") == 0
+    flag = tmp_path / "paused"
+    env = {**os.environ, PAUSE_ENV: "save:files_written@1", PAUSE_FILE_ENV: str(flag), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", RUN, *TINY, f"train.run_dir={run}", "train.steps=3",
+                             "train.save_every=1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.monotonic() + 240
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    flag.unlink()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    line = [x for x in err.splitlines() if x.startswith("pairuni train:")]
+    assert len(line) == 1 and "after step 1" in line[0] and "step_000001" in line[0], err
+    verify(run / "checkpoints" / "step_000001")
+    assert not (run / "checkpoints" / "step_000002").exists()
+    assert train(run, "train.steps=3", "train.resume=true", "train.save_every=1") == 0
+    assert rows(run) == rows(straight)
+
+
+def test_lora_run_trains_the_adapters_only_and_exports_merged(tmp_path):
+    from engine.dimoo.commands import load_run
+    from engine.dimoo.lora import adapter_state
+    from engine.dimoo.model import DimooModel
+
+    run = tmp_path / "run"
+    assert train(run, "train.steps=2", "model.lora.rank=4", "optim.optimizer=adamw", "optim.lr=0.05") == 0
+    loaded = load_run(run)
+    base, _ = load_run_base(loaded.cfg)
+    trained = loaded.model.state_dict()
+    adapters = adapter_state(loaded.model)
+    assert adapters and any(bool(v.abs().sum()) for k, v in adapters.items() if "lora_B" in k)  # B moved from 0
+    for name, t in base.state_dict().items():  # the frozen base is the tiny model of model.tiny_seed
+        assert torch.equal(trained[name], t), name
+    assert main(["export", str(run), "--out", str(tmp_path / "exported"), "--dtype", "float32"]) == 0
+    merged = DimooModel.from_pretrained(tmp_path / "exported", dtype="float32")
+    ids = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, loaded.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def load_run_base(cfg):
+    """The run's model without adapters (LoRA off): its frozen base."""
+    import copy
+
+    from engine.data import default_pairs_path
+    from engine.data.io import data_root_of, read_pairs
+    from engine.dimoo.trainer import build_model_and_world
+
+    plain = copy.deepcopy(cfg)
+    plain.model.lora.rank = 0
+    pairs = read_pairs(default_pairs_path())[:4]
+    return build_model_and_world(plain, pairs, data_root_of(default_pairs_path()))
+
+
+def test_export_round_trips_the_trained_weights(tmp_path):
+    from engine.dimoo import run as dr
+    from engine.dimoo.model import DimooModel
+
+    run = tmp_path / "run"
+    assert train(run, "train.steps=1") == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    got = DimooModel.from_pretrained(tmp_path / "out", dtype="float32").state_dict()
+    want = dr.load_state(run / "checkpoints" / "step_000001").model.state_dict()
+    assert_same_weights(got, want)
+    assert (tmp_path / "out" / "vqvae" / "config.json").is_file() and (tmp_path / "out" / dr.TOKENIZER).is_file()
+    assert family_of_source(tmp_path / "out") == "dimoo"
+
+
+def test_a_lumina_dimoo_folder_trains_through_the_cli(dimoo_dir, tmp_path):
+    """model.path = a DiMOO-format folder (the real id layout, HF tokenizer, diffusers VQ): one step at 32 px."""
+    run = tmp_path / "run"
+    rc = main(["train", "model.family=dimoo", f"model.path={dimoo_dir}", "rollout.image_resolution=32",
+               "rollout.group_size=2", "data.pairs_per_step=1", "data.max_pairs=2", "train.steps=1",
+               "optim.optimizer=adamw", "train.progress=false", f"train.run_dir={run}"])
+    assert rc == 0
+    state = json.loads((run / "checkpoints" / "step_000001" / "state.json").read_text())
+    assert state["config"]["model"]["path"] == str(dimoo_dir)
+    assert not (run / "checkpoints" / "step_000001" / "toy_tokenizer.json").exists()
+    assert all(isinstance(v, float) for k, v in rows(run)[0].items() if k.startswith(("loss.", "grad_norm")))
+
+
+def test_eval_of_the_exported_folder_equals_eval_of_the_run(tmp_path, capsys):
+    """`pairuni eval` reads a DiMOO run, its LoRA adapters included, and the folder `pairuni export` wrote of it
+    (toy ids and painter VQ carried): same seeds, same numbers."""
+    from engine.data import default_pairs_path
+
+    run = tmp_path / "run"
+    assert train(run, "train.steps=1", "model.lora.rank=2", "optim.optimizer=adamw", "optim.lr=0.05") == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "exported"), "--dtype", "float32"]) == 0
+    reports = []
+    for model, out in ((run, tmp_path / "eval_run"), (tmp_path / "exported", tmp_path / "eval_export")):
+        assert main(["eval", "--model", str(model), "--pairs", str(default_pairs_path()), "--max-pairs", "3",
+                     "--samples", "2", "--dtype", "float32", "--no-progress", "--out", str(out)]) == 0
+        reports.append(json.loads((out / "eval.json").read_text()))
+    capsys.readouterr()
+    a, b = reports
+    assert a["summary"]["overall"]["questions"] == 3 and a["summary"] == b["summary"]
+    assert a["questions"] == b["questions"] and a["prompts"] == b["prompts"]  # every answer and image reward
