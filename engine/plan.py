@@ -2,6 +2,11 @@
 
     pairuni plan --config configs/janus_pro_1b.yaml [--gpus N] [--model NAME]   # a run's own config
     pairuni plan --model janus-pro-7b rollout.group_size=4 model.dtype=bfloat16  # the defaults + overrides
+    pairuni plan --config configs/dimoo_8b_1gpu.yaml [--steps 35]                # model.family: dimoo
+
+A config with `model.family: dimoo` (or `--model dimoo-*`) is planned by engine/dimoo/plan.py, from the same
+config plus its DiMOO keys (rollout.image_steps, score_groups, image_resolution; the flags --steps,
+--score-groups, --resolution are those keys by another name, `DIMOO_FLAGS`, refused for a Janus-Pro plan).
 
 The plan is built from a run's `Config` (`plan_of_run`; the flags --group-size, --optimizer, ... are
 `key=value` overrides by another name, `PLAN_FLAGS`), checked by the same rules as a run for the
@@ -152,6 +157,8 @@ def plan_of_run(run, *, gpus: int = 1, model: str | None = None, prompt_tokens: 
         raise ValueError(f"--gpus: expected an integer >= 1, got {gpus}")
     check(run, world=gpus if gpus > 1 else None, environment=False)
     if model is None:
+        if run.model.family == "dimoo":
+            raise ValueError("model.family: dimoo runs are planned by engine.dimoo.plan.plan_of_run")
         if run.model.path is None:
             raise ValueError("model.path: null is the tiny demo model, not a Janus-Pro preset; pass --model")
         model = preset_of(run.model.path)
@@ -319,6 +326,12 @@ PLAN_FLAGS = {
     "--lora-quantize": ("model.lora.quantize", "none | nf4 (the language model's projections in 4 bits)"),
     "--param-dtype": ("model.dtype", "float32 | bfloat16 | float16"),
 }
+#: DiMOO-only flags -> (config key, what it does), overrides as PLAN_FLAGS'; refused for a Janus-Pro plan
+DIMOO_FLAGS = {
+    "--steps": ("rollout.image_steps", "denoising steps T of the image sampler (Lumina-DiMOO: 64)"),
+    "--score-groups": ("rollout.score_groups", "scoring forwards per sample (0: one per step)"),
+    "--resolution": ("rollout.image_resolution", "image side in px (0: the preset's, 512 for dimoo-8b)"),
+}
 
 
 def register(subparsers) -> None:
@@ -327,8 +340,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a run's YAML config (default: the embedded defaults, as `pairuni train`)")
     p.add_argument("--model", default=None, choices=MODEL_NAMES + DIMOO_MODEL_NAMES,
-                   help="preset whose shapes are planned (default: read off model.path's config.json); "
-                        "dimoo-*: Lumina-DiMOO (engine/dimoo/plan.py)")
+                   help="preset whose shapes are planned (default: read off model.path's config.json; for "
+                        "model.family=dimoo, dimoo-8b while that folder is absent); dimoo-*: plan the config as a "
+                        "Lumina-DiMOO run (engine/dimoo/plan.py)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (FSDP2 under torchrun)")
     p.add_argument("--pairs-per-gpu", type=int, default=None, help="data.pairs_per_step = this x --gpus")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
@@ -337,9 +351,8 @@ def register(subparsers) -> None:
         p.add_argument(flag, default=None, metavar="VALUE", help=f"{key}={flag[2:].upper()}: {what}")
     p.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     p.add_argument("--master-weights", action="store_true", help="optim.master_weights=true")
-    p.add_argument("--steps", type=int, default=None, help="dimoo-*: denoising steps of the image sampler (64)")
-    p.add_argument("--score-groups", type=int, default=None, help="dimoo-*: scoring forwards per sample (4)")
-    p.add_argument("--resolution", type=int, default=None, help="dimoo-*: image side in px (512)")
+    for flag, (key, what) in DIMOO_FLAGS.items():
+        p.add_argument(flag, type=int, default=None, metavar="N", help=f"DiMOO only: {key}=N: {what}")
     p.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
     p.add_argument("--methods-table", action="store_true",
                    help="a markdown table of every preset x method (full fine-tuning with fp32 masters, Kahan or "
@@ -350,7 +363,8 @@ def register(subparsers) -> None:
 
 def plan_overrides(args) -> list[str]:
     """The `key=value` overrides of the flags given, before the explicit ones (which win)."""
-    out = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, (key, _) in PLAN_FLAGS.items()
+    flags = {**PLAN_FLAGS, **DIMOO_FLAGS}
+    out = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, (key, _) in flags.items()
            if getattr(args, flag[2:].replace("-", "_")) is not None]
     if args.pairs_per_gpu is not None:
         out.append(f"data.pairs_per_step={args.pairs_per_gpu * args.gpus}")
@@ -358,22 +372,38 @@ def plan_overrides(args) -> list[str]:
     return out + list(args.overrides)
 
 
+def is_dimoo_plan(args, run) -> bool:
+    """Whether `pairuni plan` plans DiMOO: `--model dimoo-*`, or no --model and `model.family: dimoo`. Raises a
+    one-line ValueError for a DiMOO flag on a Janus-Pro plan or a Janus-Pro --model on a DiMOO config."""
+    if args.model in DIMOO_MODEL_NAMES:
+        return True
+    if run.model.family == "dimoo":
+        if args.model is not None:
+            raise ValueError(f"--model: expected one of {DIMOO_MODEL_NAMES} for model.family=dimoo, "
+                             f"got {args.model!r}")
+        return True
+    given = [flag for flag in DIMOO_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        raise ValueError(f"{given[0]}: only for a DiMOO plan (model.family=dimoo or --model "
+                         f"{'|'.join(DIMOO_MODEL_NAMES)}), got model.family={run.model.family}")
+    return False
+
+
 def _run(args) -> int:
     from .config import ConfigError, load_config
 
     try:
         run = load_config(args.config, plan_overrides(args), check=False)
-        if args.methods_table:
-            print(methods_table(run, gpus=args.gpus, prompt_tokens=args.prompt_tokens))
-            return 0
-        if args.model in DIMOO_MODEL_NAMES:
+        if is_dimoo_plan(args, run):
+            if args.methods_table:
+                raise ValueError("--methods-table: Janus-Pro presets only, not a DiMOO plan (model.family=dimoo)")
             from .dimoo.plan import run_plan
 
             print(run_plan(args, run))
             return 0
-        dimoo_only = [f for f in ("steps", "score_groups", "resolution") if getattr(args, f) is not None]
-        if dimoo_only:
-            raise ValueError(f"--{dimoo_only[0].replace('_', '-')}: only for --model {'|'.join(DIMOO_MODEL_NAMES)}")
+        if args.methods_table:
+            print(methods_table(run, gpus=args.gpus, prompt_tokens=args.prompt_tokens))
+            return 0
         cfg = plan_of_run(run, gpus=args.gpus, model=args.model, prompt_tokens=args.prompt_tokens)
         terms = estimate(cfg)
     except (ConfigError, ValueError) as exc:
@@ -382,4 +412,5 @@ def _run(args) -> int:
     return 0
 
 
-__all__ = ["PlanConfig", "estimate", "format_table", "methods_table", "plan_of_run", "preset_of", "register"]
+__all__ = ["DIMOO_FLAGS", "PLAN_FLAGS", "PlanConfig", "estimate", "format_table", "is_dimoo_plan", "methods_table",
+           "plan_of_run", "preset_of", "register"]

@@ -1,13 +1,20 @@
-"""`pairuni plan --model dimoo-8b`: per-GPU memory (and forwards per sample) of PairGRPO on Lumina-DiMOO.
+"""`pairuni plan` for Lumina-DiMOO: per-GPU memory (and forwards per sample) of PairGRPO on a DiMOO run.
 
+    pairuni plan --config configs/dimoo_8b_1gpu.yaml                        # model.family: dimoo
+    pairuni plan --config configs/dimoo_8b_1gpu.yaml rollout.score_groups=8  # == --score-groups 8
     pairuni plan --model dimoo-8b --steps 64 --score-groups 4 --checkpointing --param-dtype bfloat16 ...
 
-The run's own terms (group size, pairs, dtype, optimizer, master weights, update, LoRA, reward models) are read
-off its Config by `engine.plan.plan_of_run`, exactly as for Janus-Pro (`optim.micro_batch_size` is not used: the
-unit of a DiMOO update is one scoring run of one prompt's G rows); three DiMOO settings are not config keys yet
-and are flags: `--steps` T (denoising steps of the image sampler; DiMOO's scripts sample 64, DIMOO.md 2.1
-also tabulates 35), `--score-groups` (guided scoring forwards per sample, `engine/dimoo/scoring.py`) and `--resolution`
-(512 px: 32 x 32 codes, 1056 tokens with the row newlines). The shapes are `engine.dimoo.shapes`' exact counts.
+Every term is read off the run's Config (`plan_of_run`), with no defaults of its own: group size, pairs, dtype,
+optimizer, master weights, update, LoRA and reward models by `engine.plan.plan_of_run`, exactly as for Janus-Pro
+(`optim.micro_batch_size` is not used: the unit of a DiMOO update is one scoring run of one prompt's G rows), and
+DiMOO's own keys here: `rollout.image_steps` T (denoising steps of the image sampler; DiMOO's scripts sample 64,
+DIMOO.md 2.1 also tabulates 35), `rollout.score_groups` (guided scoring forwards per sample,
+`engine/dimoo/scoring.py`; 0: one per step), `rollout.image_resolution` (0: the preset's default, 512 px for
+dimoo-8b: 32 x 32 codes, 1056 tokens with the row newlines) and `rollout.reveal_order` (exact or approximate
+scoring; no memory). The flags --steps / --score-groups / --resolution are those keys under other names
+(engine/plan.py `DIMOO_FLAGS`). The preset: `--model`, else the one whose shapes model.path's config.json has
+(`preset_of`), else dimoo-8b (a folder not downloaded yet), or dimoo-tiny for model.path null (the tiny model).
+The shapes are `engine.dimoo.shapes`' exact counts.
 
 Terms (bytes per GPU) shared with engine/plan.py and computed by its code: weights, grads, optimizer
 (`optimizer_state_bytes`), master, compensation, step, LoRA adapters and NF4 base (`_lora_terms`, with DiMOO's
@@ -42,44 +49,94 @@ and of its image sampler (tests/engine/dimoo/test_plan.py, within 20%).
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .. import plan as run_planner
 from ..plan import DTYPE_BYTES, PROMPT_TOKENS, GiB, PlanConfig, _lora_terms, optimizer_state_bytes
 from .model import DimooConfig
 from .sampler import cosine_schedule
-from .shapes import RESOLUTION, dimoo_config, image_grid, lora_role_shapes, parameter_counts
+from .shapes import CODEBOOK_SIZE, MODEL_NAMES, RESOLUTION, dimoo_config, image_grid, lora_role_shapes, parameter_counts
 
-#: DiMOO's image sampler steps (README "we sample 64 steps"; DIMOO.md 2.1) and the plan's default score groups
+#: DiMOO's image sampler steps (README "we sample 64 steps"; DIMOO.md 2.1), configs/dimoo_8b_*.yaml's image_steps
 STEPS = 64
-SCORE_GROUPS = 4
+#: rollout.image_resolution=0: the preset's own image side in px (the tiny DiMOO's 4 x 4 codes: 64 px)
+RESOLUTIONS = {"dimoo-8b": RESOLUTION, "dimoo-tiny": 64}
 #: tokens of a row beside the prompt and the grid: <answer> <IMAGE> ... </IMAGE> </answer> (DIMOO.md 1.6)
 FRAME_TOKENS = 4
+#: DimooConfig fields that tell the presets apart (`preset_of`)
+_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "embedding_size", "codebook_size")
 
 
 @dataclass(frozen=True)
 class DimooPlanConfig:
-    """What the DiMOO estimate depends on: the run's PlanConfig and the three DiMOO settings."""
+    """What the DiMOO estimate depends on: the run's PlanConfig and DiMOO's rollout keys, resolved."""
 
     run: PlanConfig
     steps: int
-    """Denoising steps T of the image sampler (time only)."""
+    """Denoising steps T of the image sampler (`rollout.image_steps`; time only)."""
     score_groups: int
-    """Guided scoring forwards per sample in the update (`engine.dimoo.scoring.score_plan`)."""
+    """Guided scoring forwards per sample in the update (`rollout.score_groups`, 0 resolved to `steps`;
+    `engine.dimoo.scoring.score_plan` uses at most the revealing steps)."""
     resolution: int
-    """Image side in px (square; 512: 32 x 32 codes, 1056 tokens)."""
+    """Image side in px (`rollout.image_resolution`, 0 resolved to the preset's `RESOLUTIONS`; square; 512:
+    32 x 32 codes, 1056 tokens)."""
+    reveal_order: str
+    """`rollout.reveal_order`: random | confidence (whether the scored ratio is exact; no memory)."""
 
 
-def plan_of_run(run, *, model: str, gpus: int = 1, steps: int = STEPS, score_groups: int = SCORE_GROUPS,
-                resolution: int = RESOLUTION, prompt_tokens: int = PROMPT_TOKENS) -> DimooPlanConfig:
-    """The DimooPlanConfig of an `engine.config.Config` (checked as engine.plan checks a run) for preset `model`."""
-    for name, value, low in (("--steps", steps, 1), ("--score-groups", score_groups, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+def preset_of(model_path: str | Path) -> str:
+    """The preset (`MODEL_NAMES`) whose shapes a local Lumina-DiMOO folder has: its config.json (and
+    vqvae/config.json's codebook size, else 8192, as `DimooModel.from_pretrained`) against each preset's."""
+    folder = Path(model_path)
+    try:
+        vq = folder / "vqvae" / "config.json"
+        codebook = json.loads(vq.read_text())["num_vq_embeddings"] if vq.is_file() else CODEBOOK_SIZE
+        found = DimooConfig.from_json_dict(json.loads((folder / "config.json").read_text()), codebook_size=codebook)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        message = " ".join(str(err).split())
+        raise ValueError(f"model.path: cannot read a DiMOO config from {folder / 'config.json'} ({message}); "
+                         f"pass --model {'|'.join(MODEL_NAMES)}") from None
+    shape = {k: getattr(found, k) for k in _SHAPE_FIELDS}
+    for name in MODEL_NAMES:
+        preset = dimoo_config(name)
+        if shape == {k: getattr(preset, k) for k in _SHAPE_FIELDS}:
+            return name
+    raise ValueError(f"model.path: {folder / 'config.json'} has shapes {shape}, not a DiMOO preset's; "
+                     f"pass --model {'|'.join(MODEL_NAMES)}")
+
+
+def preset_of_run(run, model: str | None = None) -> str:
+    """`model` if given, else read off `run.model.path`'s config.json when that folder exists, else dimoo-8b
+    (a path not downloaded yet), or dimoo-tiny for model.path null (the tiny toy-world DiMOO)."""
+    if model is not None:
+        if model not in MODEL_NAMES:
+            raise ValueError(f"--model: expected one of {MODEL_NAMES} for a DiMOO plan, got {model!r}")
+        return model
+    if run.model.family != "dimoo":
+        raise ValueError(f"model.family: expected dimoo for a DiMOO plan without --model, got {run.model.family!r}")
+    if run.model.path is None:
+        return "dimoo-tiny"
+    return preset_of(run.model.path) if Path(run.model.path).is_dir() else "dimoo-8b"
+
+
+def plan_of_run(run, *, model: str | None = None, gpus: int = 1,
+                prompt_tokens: int = PROMPT_TOKENS) -> DimooPlanConfig:
+    """The DimooPlanConfig of an `engine.config.Config` (checked as engine.plan checks a run, as model.family=dimoo:
+    a Janus-Pro config planned with `model` given is planned as that run with the family switched): T =
+    rollout.image_steps, score groups = rollout.score_groups (0: T), resolution = rollout.image_resolution (0: the
+    preset's), for the preset `model` (None: `preset_of_run`)."""
+    model = preset_of_run(run, model)
+    if run.model.family != "dimoo":  # --model dimoo-* on a Janus-Pro config: plan the DiMOO run it would be
+        run = copy.deepcopy(run)
+        run.model.family = "dimoo"
+    base = run_planner.plan_of_run(run, gpus=gpus, model=model, prompt_tokens=prompt_tokens)  # checks the ranges
+    r = run.rollout
+    resolution = r.image_resolution or RESOLUTIONS[model]
     image_grid(resolution)
-    return DimooPlanConfig(run_planner.plan_of_run(run, gpus=gpus, model=model, prompt_tokens=prompt_tokens), steps,
-                           score_groups, resolution)
+    return DimooPlanConfig(base, r.image_steps, r.score_groups or r.image_steps, resolution, r.reveal_order)
 
 
 def estimate(plan: DimooPlanConfig, *, config: DimooConfig | None = None) -> dict[str, float]:
@@ -162,9 +219,12 @@ TERMS = ("weights", "grads", "optimizer", "master", "compensation", "head_copy",
 def format_table(plan: DimooPlanConfig, t: dict[str, float]) -> str:
     cfg = plan.run
     codes, tokens = image_grid(plan.resolution)
+    # exact: one scoring run per revealing step, and a reveal order drawn from the seed (DIMOO.md "Scoring")
+    exact = plan.reveal_order == "random" and 2 * t["score_groups_image"] == t["rollout_forwards_per_image"]
     lines = [f"memory plan: {cfg.model}, {cfg.gpus} GPU(s), G={cfg.group_size}, {cfg.pairs_per_gpu} pair(s)/GPU, "
              f"{plan.resolution} px ({codes} codes, {tokens} tokens), T={plan.steps} steps, "
-             f"score_groups={plan.score_groups} ({int(t['score_groups_image'])} used), {cfg.optimizer}, "
+             f"score_groups={plan.score_groups} ({int(t['score_groups_image'])} used, {plan.reveal_order} order: "
+             f"{'exact' if exact else 'approximate'} scoring), {cfg.optimizer}, "
              f"checkpointing={'on' if cfg.gradient_checkpointing else 'off'}, "
              f"master={'fp32' if cfg.master_weights else 'none'}, update={cfg.update}, "
              + (f"LoRA r={cfg.lora_rank} on {'/'.join(cfg.lora_targets)}, base "
@@ -180,16 +240,16 @@ def format_table(plan: DimooPlanConfig, t: dict[str, float]) -> str:
 
 
 def run_plan(args, run) -> str:
-    """The text `pairuni plan --model dimoo-...` prints for parsed `args` and a loaded Config `run`."""
-    plan = plan_of_run(run, model=args.model, gpus=args.gpus, prompt_tokens=args.prompt_tokens,
-                       steps=STEPS if args.steps is None else args.steps,
-                       score_groups=SCORE_GROUPS if args.score_groups is None else args.score_groups,
-                       resolution=RESOLUTION if args.resolution is None else args.resolution)
+    """The text `pairuni plan` prints for a DiMOO run: parsed `args` (--model, --gpus, --prompt-tokens, --json)
+    and a loaded Config `run` (the flags --steps / --score-groups / --resolution already applied as overrides)."""
+    plan = plan_of_run(run, model=args.model, gpus=args.gpus, prompt_tokens=args.prompt_tokens)
     terms = estimate(plan)
     if args.json:
         return json.dumps({"config": {**asdict(plan.run), "steps": plan.steps, "score_groups": plan.score_groups,
-                                      "resolution": plan.resolution}, "bytes": terms}, indent=2)
+                                      "resolution": plan.resolution, "reveal_order": plan.reveal_order},
+                           "bytes": terms}, indent=2)
     return format_table(plan, terms)
 
 
-__all__ = ["DimooPlanConfig", "SCORE_GROUPS", "STEPS", "estimate", "format_table", "plan_of_run", "run_plan"]
+__all__ = ["DimooPlanConfig", "RESOLUTIONS", "STEPS", "estimate", "format_table", "plan_of_run", "preset_of",
+           "preset_of_run", "run_plan"]

@@ -1,13 +1,16 @@
-"""`pairuni plan --model dimoo-8b`: DiMOO's exact parameter counts and the memory plan against a measured peak."""
+"""`pairuni plan` for DiMOO: exact parameter counts, the plan read off a DiMOO run's config (configs/dimoo_8b_*.yaml),
+the old flags as overrides of its keys, and the memory plan against a measured peak."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
 
-from engine.config import load_config
+from engine.config import layered, load_config
 from engine.dimoo import plan as dplan
 from engine.dimoo.model import DimooConfig, DimooModel, tiny_dimoo_config
 from engine.dimoo.shapes import dimoo_config, linear_shapes, parameter_counts
@@ -41,8 +44,10 @@ def test_8b_shapes_match_llada_8b():
 
 def plan_for(*overrides, steps=64, score_groups=4, model="dimoo-8b", resolution=512):
     run = load_config(None, ["model.dtype=bfloat16", "model.gradient_checkpointing=true", "rollout.group_size=4",
-                             "data.pairs_per_step=1", *overrides], check=False)
-    return dplan.plan_of_run(run, model=model, steps=steps, score_groups=score_groups, resolution=resolution)
+                             "data.pairs_per_step=1", f"rollout.image_steps={steps}",
+                             f"rollout.score_groups={score_groups}", f"rollout.image_resolution={resolution}",
+                             *overrides], check=False)
+    return dplan.plan_of_run(run, model=model)
 
 
 def test_steps_and_score_groups_change_time_not_memory():
@@ -77,12 +82,131 @@ def test_cli_prints_the_dimoo_table_and_refuses_dimoo_flags_for_janus(capsys):
     out = capsys.readouterr().out
     assert "dimoo-8b" in out and "T=35 steps" in out and "| peak |" in out and "rollout 70 forwards" in out
     assert cli.main(["plan", "--model", "janus-pro-1b", "--steps", "35"]) == 2
-    assert "--steps: only for --model" in capsys.readouterr().err
-    assert cli.main(["plan", "--model", "dimoo-8b", "--score-groups", "0"]) == 2
-    assert "--score-groups: expected an integer >= 1" in capsys.readouterr().err
+    assert "--steps: only for a DiMOO plan" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "dimoo-8b", "--score-groups", "-1"]) == 2
+    assert "rollout.score_groups: expected an integer >= 0" in capsys.readouterr().err
     assert cli.main(["plan", "--model", "dimoo-8b", "--json", "--steps", "35"]) == 0
-    out = __import__("json").loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)
     assert out["config"]["steps"] == 35 and out["bytes"]["parameters"] == sum(parameter_counts(DimooConfig()).values())
+
+
+# ----------------------------------------------------------------------------- the plan of a DiMOO run's config
+ONE_GPU, LORA_24GB = "configs/dimoo_8b_1gpu.yaml", "configs/dimoo_8b_lora_24gb.yaml"
+
+
+def cli_json(capsys, *argv):
+    """`pairuni plan --json ARGV` -> its {"config", "bytes"} (exit code 0 asserted)."""
+    from engine import cli
+
+    code = cli.main(["plan", "--json", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def revealing_steps(codes: int, steps: int) -> int:
+    from engine.dimoo.sampler import cosine_schedule
+
+    return sum(k > 0 for k in cosine_schedule(codes, steps))
+
+
+@pytest.mark.parametrize(("path", "gib"), [(ONE_GPU, 80), (LORA_24GB, 24)])
+def test_dimoo_configs_load_and_their_plans_fit(path, gib, capsys):
+    """Each config parses, is a DiMOO run, and `pairuni plan --config` (no DiMOO flag) reads its keys and plans a
+    peak under its GPU's size; the 1-GPU plan equals the old all-flags command's for the same values."""
+    run = load_config(path, check=False)
+    assert run.model.family == "dimoo" and not os.path.isdir(run.model.path)  # a placeholder: the preset is dimoo-8b
+    out = cli_json(capsys, "--config", path)
+    c, b = out["config"], out["bytes"]
+    assert c["model"] == "dimoo-8b" and b["parameters"] == sum(parameter_counts(DimooConfig()).values())
+    assert (c["steps"], c["score_groups"], c["resolution"], c["reveal_order"]) == (
+        run.rollout.image_steps, run.rollout.score_groups or run.rollout.image_steps,
+        run.rollout.image_resolution or 512, run.rollout.reveal_order)
+    assert (c["group_size"], c["pairs_per_gpu"], c["param_dtype"], c["gradient_checkpointing"]) == (
+        run.rollout.group_size, run.data.pairs_per_step, run.model.dtype, run.model.gradient_checkpointing)
+    assert (c["optimizer"], c["update"], c["master_weights"], c["lora_rank"], c["lora_quantize"],
+            c["lora_targets"]) == (
+        run.optim.optimizer, run.optim.update, run.optim.master_weights, run.model.lora.rank,
+        run.model.lora.quantize, list(run.model.lora.targets))
+    assert b["peak"] == dplan.estimate(dplan.plan_of_run(run))["peak"]
+    assert b["peak"] < gib * 2**30
+    if path == ONE_GPU:
+        assert run.rollout.image_steps == dplan.STEPS and b["trainable_parameters"] == b["parameters"]
+        r = run.rollout
+        flags = cli_json(capsys, "--model", "dimoo-8b", "--steps", str(r.image_steps), "--score-groups",
+                         str(r.score_groups), "--resolution", str(r.image_resolution), "--group-size",
+                         str(r.group_size), "--pairs-per-gpu", str(run.data.pairs_per_step), "--answer-tokens",
+                         str(r.max_new_tokens), "--checkpointing", "--param-dtype", run.model.dtype, "--update",
+                         run.optim.update, f"reward.generation={run.reward.generation}", f"model.path={run.model.path}",
+                         f"rollout.text_steps={r.text_steps}", f"rollout.text_block_length={r.text_block_length}")
+        assert flags == out
+
+
+@pytest.mark.parametrize(("steps", "groups", "resolution"), [(35, 4, 512), (64, 0, 512), (64, 8, 256), (16, 100, 0)])
+def test_config_keys_and_flags_plan_alike(steps, groups, resolution, capsys):
+    """rollout.image_steps / score_groups / image_resolution set by `key=value` and by --steps / --score-groups /
+    --resolution give the same plan, on a DiMOO config and on --model dimoo-8b; what changes against the config's own
+    plan is what a plain re-computation says (forwards from the cosine schedule; memory only with the resolution)."""
+    keys = [f"rollout.image_steps={steps}", f"rollout.score_groups={groups}", f"rollout.image_resolution={resolution}"]
+    flags = ["--steps", str(steps), "--score-groups", str(groups), "--resolution", str(resolution)]
+    by_keys = cli_json(capsys, "--config", ONE_GPU, *keys)
+    assert cli_json(capsys, "--config", ONE_GPU, *flags) == by_keys
+    assert cli_json(capsys, "--model", "dimoo-8b", *flags) == cli_json(capsys, "--model", "dimoo-8b", *keys)
+    c, b = by_keys["config"], by_keys["bytes"]
+    side = (resolution or 512) // 16
+    revealing = revealing_steps(side * side, steps)
+    assert (c["steps"], c["score_groups"], c["resolution"]) == (steps, groups or steps, resolution or 512)
+    assert b["rollout_forwards_per_image"] == 2 * revealing
+    assert b["update_forwards_per_image"] == 2 * min(groups or steps, revealing)
+    base = cli_json(capsys, "--config", ONE_GPU)["bytes"]
+    if resolution in (0, 512):
+        assert b["peak"] == base["peak"] and b["activations"] == base["activations"]
+    else:
+        scale = (4 + side * (side + 1) + 64) / (4 + 32 * 33 + 64)  # S = frame + grid + prompt tokens
+        assert b["activations_image"] == pytest.approx(scale * base["activations_image"])
+
+
+def test_dimoo_flags_refused_for_a_janus_config(capsys):
+    """--steps / --score-groups / --resolution on a model.family=janus_pro plan: one line, exit 2; a Janus preset on a
+    DiMOO config likewise; --model dimoo-* on a Janus config plans DiMOO."""
+    from engine import cli
+
+    for flag in ("--steps", "--score-groups", "--resolution"):
+        assert cli.main(["plan", "--config", "configs/janus_pro_7b_1gpu.yaml", "--model", "janus-pro-7b", flag,
+                         "16"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag}: only for a DiMOO plan" in err and "model.family=janus_pro" in err
+    assert cli.main(["plan", "--config", ONE_GPU, "--model", "janus-pro-7b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model: expected one of" in err and "model.family=dimoo" in err
+    out = cli_json(capsys, "--config", "configs/tiny.yaml", "--model", "dimoo-8b", "--steps", "35")
+    assert load_config("configs/tiny.yaml", check=False).model.family == "janus_pro"
+    assert out["config"]["model"] == "dimoo-8b" and out["config"]["steps"] == 35
+    # a Janus-only key the Janus config sets is refused for its DiMOO plan, in one line naming it
+    assert cli.main(["plan", "--config", "configs/janus_pro_7b_1gpu.yaml", "--model", "dimoo-8b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only model.family=janus_pro reads it" in err
+
+
+def test_preset_is_read_off_the_model_folder(tmp_path):
+    """No --model: the preset whose shapes model.path's config.json has; a folder not downloaded yet: dimoo-8b;
+    model.path null: the tiny DiMOO (64 px); other shapes: one line asking for --model."""
+    def plan(path):
+        run = load_config(None, ["model.family=dimoo", "model.dtype=bfloat16", f"model.path={path}"], check=False)
+        return dplan.plan_of_run(run)
+
+    for name, cfg, codebook in (("big", DimooConfig(), None), ("tiny", tiny_dimoo_config(), 64),
+                                ("other", tiny_dimoo_config(d_model=96), 64)):
+        (tmp_path / name / "vqvae").mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg.to_json_dict()))
+        if codebook is not None:
+            (tmp_path / name / "vqvae" / "config.json").write_text(json.dumps({"num_vq_embeddings": codebook}))
+    assert plan(tmp_path / "big").run.model == "dimoo-8b"
+    tiny = plan(tmp_path / "tiny")
+    assert (tiny.run.model, tiny.resolution) == ("dimoo-tiny", dplan.RESOLUTIONS["dimoo-tiny"])
+    assert plan(tmp_path / "absent").run.model == "dimoo-8b" and plan("null").run.model == "dimoo-tiny"
+    with pytest.raises(ValueError, match="not a DiMOO preset's; pass --model"):
+        plan(tmp_path / "other")
 
 
 # ----------------------------------------------------------------------------- measured
@@ -156,9 +280,10 @@ def test_update_peak_matches_a_measured_dimoo_update(checkpointing):
 
     run = load_config(None, ["model.dtype=float32", f"model.gradient_checkpointing={str(checkpointing).lower()}",
                              f"rollout.group_size={G}", "data.pairs_per_step=1", "optim.optimizer=adamw",
-                             "rollout.max_new_tokens=1"], check=False)
-    plan = dplan.plan_of_run(run, model="dimoo-tiny", steps=6, score_groups=3, resolution=16 * SIDE,
-                             prompt_tokens=PROMPT)
+                             "rollout.max_new_tokens=1", "rollout.text_block_length=1"], check=False)
+    run = layered(run, None, ["rollout.image_steps=6", "rollout.score_groups=3",
+                              f"rollout.image_resolution={16 * SIDE}"])
+    plan = dplan.plan_of_run(run, model="dimoo-tiny", prompt_tokens=PROMPT)
     est = dplan.estimate(plan, config=cfg)
     share = est["activations"] / est["update_peak"]
     print(f"checkpointing={checkpointing}: measured {measured / 2**20:.1f} MiB, planned {est['update_peak'] / 2**20:.1f}"
@@ -204,9 +329,10 @@ def test_rollout_peak_matches_a_measured_dimoo_sampler():
                      vocab_offset=ids.image_offset, order="confidence")
     measured = float(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
     run = load_config(None, ["model.dtype=float32", f"rollout.group_size={rows}", "data.pairs_per_step=1",
-                             "optim.optimizer=adamw", "rollout.max_new_tokens=1"], check=False)
-    est = dplan.estimate(dplan.plan_of_run(run, model="dimoo-tiny", steps=6, resolution=16 * SIDE,
-                                           prompt_tokens=PROMPT), config=cfg)
+                             "optim.optimizer=adamw", "rollout.max_new_tokens=1", "rollout.text_block_length=1"],
+                      check=False)
+    run = layered(run, None, ["rollout.image_steps=6", f"rollout.image_resolution={16 * SIDE}"])
+    est = dplan.estimate(dplan.plan_of_run(run, model="dimoo-tiny", prompt_tokens=PROMPT), config=cfg)
     planned = est["rollout_peak"] - est["optimizer"]
     transient = est["rollout_forward"] + est["rollout_logits"]
     print(f"rollout: measured {measured / 2**20:.1f} MiB, planned {planned / 2**20:.1f} MiB "
