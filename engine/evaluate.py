@@ -141,6 +141,13 @@ class EvalReport:
         return {"summary": self.summary, "settings": self.settings, "questions": self.questions,
                 "prompts": self.prompts}
 
+    def show(self, out: str | Path | None = None) -> None:
+        """Print the table; with `out`, save eval.json and eval.png there and say so (`pairuni eval`)."""
+        print(self.table())
+        if out is not None:
+            paths = self.save(out)
+            print("wrote " + " and ".join(str(p) for p in paths.values()))
+
     def table(self) -> str:
         """One line per tag (overall first): counts, accuracy, generation reward, toy attribute score."""
         cols = [("questions", "questions", "d"), ("understanding_accuracy", "accuracy", ".3f"),
@@ -390,10 +397,7 @@ def run(args) -> int:
                                     "pairs": args.pairs})
     except (ConfigError, PreflightError, ValueError) as exc:
         return user_error("eval", args, exc)
-    print(report.table())
-    if args.out is not None:
-        paths = report.save(args.out)
-        print("wrote " + " and ".join(str(p) for p in paths.values()))
+    report.show(args.out)
     return 0
 
 

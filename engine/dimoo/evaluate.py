@@ -352,10 +352,7 @@ def run(args) -> int:
                                     "pairs": args.pairs, "generation_reward": cfg.reward.generation})
     except (ConfigError, PreflightError, CheckpointError, ValueError, OSError) as exc:
         return user_error("eval", args, exc)
-    print(report.table())
-    if args.out is not None:
-        paths = report.save(args.out)
-        print("wrote " + " and ".join(str(p) for p in paths.values()))
+    report.show(args.out)
     return 0
 
 

@@ -35,6 +35,7 @@ and is refused (one-line ValueError), as is sequence-level importance sampling.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
@@ -362,9 +363,17 @@ def update(model, optimizer, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> 
     return metrics
 
 
-def train_step(model, optimizer, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int) -> dict:
-    """One PairGRPO step on `pairs`: make_batch then update; returns the metrics row (rewards included)."""
-    batch = make_batch(model, world, pairs, cfg, seed=seed, step=step)
+def train_step(model, optimizer, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int,
+               rollout_guard=None) -> dict:
+    """One PairGRPO step on `pairs`: make_batch then update; returns the metrics row (rewards included).
+    rollout_guard: a context-manager factory the rollouts run inside (`pairuni train`: a signal abandons them,
+    `trainer.StopRequest.interruptible`); kill points "step:rollout" and "step:update" before each phase."""
+    from ..checkpoint_store import kill_point
+
+    with rollout_guard() if rollout_guard is not None else contextlib.nullcontext():
+        kill_point("step:rollout")
+        batch = make_batch(model, world, pairs, cfg, seed=seed, step=step)
+    kill_point("step:update")
     row = {"step": step, "reward.understanding": float(batch.und.rewards.mean()),
            "reward.generation": float(batch.gen.rewards.mean())}
     row.update(update(model, optimizer, world, batch, cfg))

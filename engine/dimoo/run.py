@@ -303,7 +303,8 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
         model: DimooModel | None = None, keep: int = 0,
         optimizer_factory: Callable[[list], torch.optim.Optimizer] | None = None,
         on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-        lock: bool = True, extra: dict | None = None) -> RunResult:
+        lock: bool = True, extra: dict | None = None, rollout_guard=None,
+        abandon: tuple[type[BaseException], ...] = ()) -> RunResult:
     """Train `steps` PairGRPO steps (`pairgrpo.train_step`) on `step_pairs`, saving a checkpoint (`save_state`,
     keeping the newest `keep`; <= 0: all) every `save_every` steps and at the last one (0: only the last), and
     out/metrics.jsonl after every step. The run folder is locked (`engine.lock.RunLock`) for the run's life
@@ -317,7 +318,10 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
     `world.tiny_model(model_seed)`). optimizer_factory: callable(list of the model's parameters) -> optimizer
     (default AdamW(lr, weight_decay=0)). on_step: called with each step's metrics row once out/metrics.jsonl
     holds it. should_stop: checked after each step but the last; when it returns True the step is saved (unless
-    it just was) and the run returns with `stopped=True`. extra: state.json keys of every checkpoint (`save_state`)."""
+    it just was) and the run returns with `stopped=True`. extra: state.json keys of every checkpoint (`save_state`).
+    rollout_guard: a context-manager factory each step's rollouts run inside (`pairgrpo.train_step`); an exception
+    of `abandon` raised there (`pairuni train`: a signal, `trainer.Interrupted`) abandons the step, whose rollouts
+    changed nothing, saves the last finished step unless it is saved, and returns with `stopped=True`."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
@@ -361,19 +365,26 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
             return save_state(out, model, optimizer, step, world, cfg, seed=seed, run=settings, metrics=rows,
                               keep=keep, extra=extra)
 
+        saved_step = start if found is not None else None
         for step in range(start + 1, steps + 1):
-            row = train_step(model, optimizer, world, step_pairs(pairs, seed, step, pairs_per_step), cfg,
-                             seed=seed, step=step)
+            try:
+                row = train_step(model, optimizer, world, step_pairs(pairs, seed, step, pairs_per_step), cfg,
+                                 seed=seed, step=step, rollout_guard=rollout_guard)
+            except abandon:  # the rollouts of `step` were abandoned: the model is that of step - 1
+                if saved_step != step - 1:
+                    checkpoint, saved_step = save(step - 1), step - 1
+                stopped = True
+                log.info("stopped during step %d of %d (checkpoint %s)", step, steps, checkpoint)
+                break
             rows.append(row)
             _write_rows(out / METRICS, rows)
             if on_step is not None:
                 on_step(row)
-            saved = step == steps or bool(save_every and step % save_every == 0)
-            if saved:
-                checkpoint = save(step)
+            if step == steps or bool(save_every and step % save_every == 0):
+                checkpoint, saved_step = save(step), step
             if step < steps and should_stop is not None and should_stop():
-                if not saved:
-                    checkpoint = save(step)
+                if saved_step != step:
+                    checkpoint, saved_step = save(step), step
                 stopped = True
                 log.info("stopped after step %d of %d (checkpoint %s)", step, steps, checkpoint)
                 break

@@ -22,8 +22,9 @@ What maps to what (engine/config.py keys -> the DiMOO step, `step_config`):
 Checkpoints go through the engine's one store (engine/checkpoint_store.py); state.json carries the engine config
 and the data fingerprint as Janus-Pro's do, plus "family": "dimoo".
 
-Signals: the first SIGTERM / SIGINT lets the current step finish, saves it, and stops (`trainer.Preempted`); unlike
-the Janus loop, a step's rollouts are not abandoned mid-way (a DiMOO step checks for the signal between steps).
+Signals, as the Janus loop: the first SIGTERM / SIGINT during a step's rollouts abandons them (they change nothing);
+during its update or save the work finishes; then the run saves its last finished step (unless saved) and stops
+(`trainer.Preempted`, exit 143 / 130, one line naming the checkpoint). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class DimooTrainer:
                 lock.release()
 
     def _train(self) -> dict:
-        from ..trainer import NonFiniteError, Preempted
+        from ..trainer import Interrupted, NonFiniteError, Preempted
         from . import run as dimoo_run
 
         cfg, t = self.cfg, self.cfg.train
@@ -198,12 +199,13 @@ class DimooTrainer:
                 self.world, self.step_cfg, t.steps, self.run_dir, pairs=self.pairs, resume=resuming,
                 save_every=t.save_every, seed=t.seed, lr=cfg.optim.lr, pairs_per_step=cfg.data.pairs_per_step,
                 model_seed=cfg.model.tiny_seed, model=self.model, keep=2, optimizer_factory=optimizer_factory,
-                on_step=on_step, should_stop=lambda: self.stop.requested, lock=False, extra=self.state_extra())
+                on_step=on_step, should_stop=lambda: self.stop.requested, lock=False, extra=self.state_extra(),
+                rollout_guard=self.stop.interruptible, abandon=(Interrupted,))
         finally:
             bar.close()
             if tb is not None:
                 tb.close()
-        self.step = result.rows[-1]["step"] if result.rows else 0
+        self.step = int(dimoo_run.read_state(result.checkpoint)["step"]) if result.checkpoint else 0
         if result.checkpoint is not None:
             self.saved = (self.step, Path(result.checkpoint))
         if result.stopped:

@@ -98,6 +98,19 @@ def test_pair_advantages_are_group_advantages_times_pair_weights(pairs, gen):
 
 
 # ----------------------------------------------------------------------------- float64 re-computation
+def _run_log_softmax(model, ro, run, vocab):
+    """(mask [G, T] of the tokens revealed in `run`, [G, T, |vocab|] log-softmax at the sampler's temperature of
+    the full-vocabulary guided logits (1 + w) c - w u at the run's first state, sliced to `vocab`)."""
+    member = torch.zeros_like(ro.step_map, dtype=torch.bool)
+    for t in run:
+        member |= ro.step_map == t
+    cond = model(ro.state(run[0])).logits[:, ro.positions][..., vocab]
+    if ro.uncond_start is not None:
+        unc = model(ro.uncond_state(run[0])).logits[:, ro.uncond_columns][..., vocab]
+        cond = (1 + ro.cfg_scale) * cond - ro.cfg_scale * unc
+    return member, torch.log_softmax(cond / ro.scoring_temperature, -1)
+
+
 def _plain_objective(model, world, batch, cfg):
     """The step's objective written out in float64 from full-vocabulary logits: per task, every revealed token,
     its run's first-step state, guided logits (1 + w) c - w u sliced to the task's head, log-softmax at the
@@ -110,14 +123,8 @@ def _plain_objective(model, world, batch, cfg):
             adv = tb.advantages[i * cfg.group_size:(i + 1) * cfg.group_size].double()
             vocab = pg.task_head(model, world, task)
             for run in score_plan(ro, cfg.score_groups):
-                member = torch.zeros_like(ro.step_map, dtype=torch.bool)
-                for t in run:
-                    member |= ro.step_map == t
-                cond = model(ro.state(run[0])).logits[:, ro.positions][..., vocab]
-                if ro.uncond_start is not None:
-                    unc = model(ro.uncond_state(run[0])).logits[:, ro.uncond_columns][..., vocab]
-                    cond = (1 + ro.cfg_scale) * cond - ro.cfg_scale * unc
-                logp = torch.log_softmax(cond / ro.scoring_temperature, -1).gather(-1, ro.targets()[..., None])[..., 0]
+                member, full = _run_log_softmax(model, ro, run, vocab)
+                logp = full.gather(-1, ro.targets()[..., None])[..., 0]
                 ratio = torch.exp(logp - ro.old_logp.double())
                 a = adv[:, None].expand_as(ratio)
                 loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.algo.epsilon_low,
@@ -174,14 +181,7 @@ def _spec_objective(model, world, batch, cfg):
             logp = torch.zeros(ro.step_map.shape, dtype=torch.float64)
             ent = torch.zeros(ro.step_map.shape, dtype=torch.float64)
             for run in score_plan(ro, cfg.score_groups):
-                member = torch.zeros_like(ro.step_map, dtype=torch.bool)
-                for t in run:
-                    member |= ro.step_map == t
-                cond = model(ro.state(run[0])).logits[:, ro.positions][..., vocab]
-                if ro.uncond_start is not None:
-                    unc = model(ro.uncond_state(run[0])).logits[:, ro.uncond_columns][..., vocab]
-                    cond = (1 + ro.cfg_scale) * cond - ro.cfg_scale * unc
-                full = torch.log_softmax(cond / ro.scoring_temperature, -1)
+                member, full = _run_log_softmax(model, ro, run, vocab)
                 logp = torch.where(member, full.gather(-1, ro.targets()[..., None])[..., 0], logp)
                 ent = torch.where(member, -(full.exp() * full).sum(-1), ent)
             logps.append(logp)

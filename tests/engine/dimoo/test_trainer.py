@@ -103,18 +103,24 @@ def test_keys_the_family_does_not_read_are_refused_in_one_line(tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
-def test_a_signal_saves_the_finished_step_and_the_resume_is_exact(tmp_path):
-    """SIGTERM while step 1's checkpoint is being written (paused there): the save finishes, the run stops
-    with exit 143 and one line naming the checkpoint; the resume reaches the uninterrupted run's numbers."""
+@pytest.mark.parametrize(("point", "save_every", "saved_step"), [
+    ("save:files_written@1", "1", 1),  # during step 1's save: the save finishes, the run stops
+    ("step:rollout@2", "0", 1),        # during step 2's rollouts: abandoned, step 1 (never saved) is saved
+    ("step:update@2", "0", 2),         # during step 2's update: it finishes and is saved
+    ("step:rollout@1", "0", 0),        # nothing trained yet: step 0 is saved
+])
+def test_a_signal_saves_the_last_finished_step_and_the_resume_is_exact(tmp_path, point, save_every, saved_step):
+    """SIGTERM at a named point of a real `pairuni train` (paused there): exit 143, one line naming the
+    checkpoint of the last finished step, and the resume reaches the uninterrupted run's numbers."""
+    import time
+
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert train(straight, "train.steps=3") == 0
     flag = tmp_path / "paused"
-    env = {**os.environ, PAUSE_ENV: "save:files_written@1", PAUSE_FILE_ENV: str(flag), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, PAUSE_ENV: point, PAUSE_FILE_ENV: str(flag), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", RUN, *TINY, f"train.run_dir={run}", "train.steps=3",
-                             "train.save_every=1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             f"train.save_every={save_every}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    import time
-
     deadline = time.monotonic() + 240
     while not flag.exists():
         assert proc.poll() is None, proc.communicate()[1]
@@ -125,12 +131,14 @@ def test_a_signal_saves_the_finished_step_and_the_resume_is_exact(tmp_path):
     flag.unlink()
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err
+    name = f"step_{saved_step:06d}"
     line = [x for x in err.splitlines() if x.startswith("pairuni train:")]
-    assert len(line) == 1 and "after step 1" in line[0] and "step_000001" in line[0], err
-    verify(run / "checkpoints" / "step_000001")
-    assert not (run / "checkpoints" / "step_000002").exists()
-    assert train(run, "train.steps=3", "train.resume=true", "train.save_every=1") == 0
+    assert len(line) == 1 and f"after step {saved_step}" in line[0] and name in line[0], err
+    verify(run / "checkpoints" / name)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] == name
+    assert train(run, "train.steps=3", "train.resume=true") == 0
     assert rows(run) == rows(straight)
+    assert_same_weights(weights(run), weights(straight))
 
 
 def test_lora_run_trains_the_adapters_only_and_exports_merged(tmp_path):
