@@ -8,6 +8,7 @@ draw alike by accident, and a new one is added here, next to the others).
 | stochastic rounding | `seed + 0x5EED` | optim (optim.update=stochastic_rounding) |
 | held-out split | `seed + 104_729` | run_start.data_splits (data.eval_fraction) |
 | clip_cov's token choice | `token_selection`: step, inner epoch, task, rank, micro-batch | algo (loss_type=clip_cov) |
+| LoRA adapters' initial A | `seed + 0x10BA` | dimoo.trainer (model.lora.rank > 0) |
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 ROLLOUT_STREAMS = {"understanding": 0, "generation": 1, "evaluation": 2}
 ROUNDING_SEED_OFFSET = 0x5EED
 EVAL_SPLIT_SEED = 104_729
+ADAPTER_INIT_SEED_OFFSET = 0x10BA
 
 
 def rollout_stream(seed: int, step: int, stream: str) -> int:
@@ -36,6 +38,11 @@ def rounding(seed: int) -> int:
 def eval_split(seed: int) -> int:
     """Seed of the draw of data.eval_fraction's held-out pairs."""
     return seed + EVAL_SPLIT_SEED
+
+
+def adapter_init(seed: int) -> int:
+    """Seed of the LoRA adapters' initial A matrices (B starts at 0), so a LoRA run starts alike in any process."""
+    return seed + ADAPTER_INIT_SEED_OFFSET
 
 
 def token_selection(seed: int, step: int, task: str, row: int, epoch: int, rank: int) -> int:

@@ -11,6 +11,7 @@ same as the Janus family's): `run_dir/checkpoints/step_NNNNNN/`, a `latest` poin
 `.tmp_step_NNNNNN.HOST.PID/` folders of saves in progress (or of dead ones). One checkpoint holds:
 
     model/config.json, model/model.safetensors   `DimooModel.save_pretrained`: the released names, the model's dtype
+    adapters.safetensors                         instead of model/ for a LoRA run: the adapters only (`ADAPTERS`)
     optimizer.safetensors                        every tensor of `optimizer.state_dict()` ("state/<pid>/<key>")
     optimizer.json                               the rest of it (param_groups, non-tensor state)
     toy_tokenizer.json                           `ToyTokenizer.to_json()`, only for a toy world: text ids stay the
@@ -67,6 +68,9 @@ FORMAT = 1
 FAMILY = "dimoo"
 STATE = "state.json"
 MODEL_DIR = "model"
+#: A LoRA run's checkpoint holds its adapters only (`lora.adapter_state`); the frozen base is rebuilt from the
+#: run's config (the tiny model's seed or model.path), as Janus-Pro's LoRA checkpoints are.
+ADAPTERS = "adapters.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 TOKENIZER = "toy_tokenizer.json"
@@ -127,18 +131,27 @@ def save_state(run_dir: str | os.PathLike, model: DimooModel, optimizer: torch.o
     _require_finite(model)
     from safetensors.torch import save_file
 
+    from .lora import has_adapters
+
     dtype = next(model.parameters()).dtype
+    weights = "adapters" if has_adapters(model) else "full"
     clash = sorted(set(extra or {}) & {"format", "family", "step", "seed", "cfg", "run", "model"})
     if clash:
         raise ValueError(f"extra: {clash} are this module's own state.json keys")
     state = {**(extra or {}), "format": FORMAT, "family": FAMILY, "step": step, "seed": seed, "cfg": cfg.to_dict(),
-             "run": dict(run or {}), "model": {"dtype": next(k for k, v in DTYPES.items() if v == dtype),
+             "run": dict(run or {}), "model": {"weights": weights, "dtype": next(k for k, v in DTYPES.items() if v == dtype),
                                                "codebook_size": model.config.codebook_size}}
     tokenizer = _toy_tokenizer(world)
     store = CheckpointStore(run_dir)
     tmp = store.begin(step)
     try:
-        model.save_pretrained(tmp / MODEL_DIR)
+        if weights == "adapters":
+            from .lora import adapter_state
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}, tmp / ADAPTERS,
+                      metadata={"format": "pt"})
+        else:
+            model.save_pretrained(tmp / MODEL_DIR)
         tensors, plain = split_optimizer_state(optimizer.state_dict())
         save_file(tensors, tmp / OPTIMIZER_TENSORS, metadata={"format": "pt"})
         write_json(tmp / OPTIMIZER_JSON, plain)
@@ -193,7 +206,8 @@ def load_state(folder: str | os.PathLike, model: DimooModel | None = None,
     check its state.json (`read_state`: "family": "dimoo"), then load it.
 
     model: weights copied in exactly (names, shapes and dtype must match; one-line ValueError otherwise);
-    None builds the model from the checkpoint's model/ folder in its saved dtype. optimizer: built on `model`'s
+    None builds the model from the checkpoint's model/ folder in its saved dtype. A LoRA checkpoint
+    (adapters.safetensors, "weights": "adapters") needs `model`: its base with adapters applied. optimizer: built on `model`'s
     parameters; its state (and param_groups) replaced by the saved ones."""
     from safetensors.torch import load_file
 
@@ -203,7 +217,14 @@ def load_state(folder: str | os.PathLike, model: DimooModel | None = None,
     if optimizer is not None and model is None:
         raise ValueError("optimizer: needs the model it was built on (pass model too)")
     mdir = folder / MODEL_DIR
-    if model is None:
+    if state["model"].get("weights", "full") == "adapters":
+        from .lora import has_adapters, load_adapter_state
+
+        if model is None or not has_adapters(model):
+            raise ValueError(f"model: {folder} holds LoRA adapters only; pass the run's base model with its adapters "
+                             "(engine.dimoo.commands.load_run rebuilds it from the run's config)")
+        load_adapter_state(model, load_file(str(folder / ADAPTERS)))
+    elif model is None:
         model = DimooModel.from_pretrained(mdir, dtype=state["model"]["dtype"],
                                            codebook_size=state["model"]["codebook_size"], attn_backend="sdpa")
     else:

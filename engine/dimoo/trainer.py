@@ -247,8 +247,12 @@ def build_model_and_world(cfg: Config, pairs: list, data_root: Path | None, *, t
     if m.lora.rank > 0:
         from .lora import apply_lora
 
-        apply_lora(model, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout, targets=tuple(m.lora.targets),
-                   quantize=m.lora.quantize)
+        from ..seeds import adapter_init
+
+        with torch.random.fork_rng(devices=[]):  # the adapters' A from the run's seed, not the global RNG's state
+            torch.manual_seed(adapter_init(cfg.train.seed))
+            apply_lora(model, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                       targets=tuple(m.lora.targets), quantize=m.lora.quantize)
     return model, world
 
 

@@ -37,10 +37,12 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of a run's latest checkpoint (a LoRA run's: its adapters)."""
     from safetensors.torch import load_file
 
     ck = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    return load_file(str(ck / "model" / "model.safetensors"))
+    adapters = ck / "adapters.safetensors"
+    return load_file(str(adapters if adapters.is_file() else ck / "model" / "model.safetensors"))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -67,7 +69,8 @@ def test_one_config_line_switches_the_family(tmp_path, capsys):
     ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.update=stochastic_rounding"],
     ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.update=kahan"],
     ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.master_weights=true"],
-], ids=["adamw8bit", "stochastic_rounding", "kahan", "master_weights"])
+    ["model.lora.rank=4", "optim.lr=0.05"],                                  # adapter-only checkpoints
+], ids=["adamw8bit", "stochastic_rounding", "kahan", "master_weights", "lora"])
 def test_resume_through_the_cli_equals_the_straight_run(tmp_path, optim):
     """2 steps, stop, resume to 4 == 4 straight: the optimizer's whole state (8-bit moments, the rounding
     generator, Kahan buffers, fp32 masters) is in the checkpoint."""
@@ -148,6 +151,8 @@ def test_lora_run_trains_the_adapters_only_and_exports_merged(tmp_path):
 
     run = tmp_path / "run"
     assert train(run, "train.steps=2", "model.lora.rank=4", "optim.optimizer=adamw", "optim.lr=0.05") == 0
+    ck = run / "checkpoints" / "step_000002"
+    assert (ck / "adapters.safetensors").is_file() and not (ck / "model").exists()  # the adapters only
     loaded = load_run(run)
     base, _ = load_run_base(loaded.cfg)
     trained = loaded.model.state_dict()
