@@ -205,7 +205,8 @@ def task_head(model, world, task: str) -> slice:
 def rollout_understanding(model, world, sample, seeds: torch.Tensor, cfg: DimooGRPOConfig) -> DiffusionRollout:
     """G = len(seeds) answers to `sample`'s question about its image: one `sample_text` call, rows [G, L]."""
     start, positions = world.understanding_rows(sample.question, world.load_image(sample))
-    return sample_text(model_logits_fn(model, world.text_slice), start, positions, seeds=seeds,
+    dev = next(model.parameters()).device  # the world builds rows on the CPU; the rollout runs where the model is
+    return sample_text(model_logits_fn(model, world.text_slice), start.to(dev), positions.to(dev), seeds=seeds,
                        steps=cfg.text_steps, block_length=cfg.block_length, mask_id=model.ids.mask, vocab_offset=0,
                        temperature=cfg.text_temperature, order=cfg.order)
 
@@ -214,10 +215,10 @@ def rollout_understanding(model, world, sample, seeds: torch.Tensor, cfg: DimooG
 def rollout_generation(model, world, sample, seeds: torch.Tensor, cfg: DimooGRPOConfig) -> DiffusionRollout:
     """G = len(seeds) images of `sample`'s caption: one `sample_image` call (CFG rows alongside), rows [G, L]."""
     start, uncond, positions = world.generation_rows(sample.prompt)
-    ids = model.ids
-    return sample_image(model_logits_fn(model, ids.image_slice), start, positions, seeds=seeds,
+    ids, dev = model.ids, next(model.parameters()).device
+    return sample_image(model_logits_fn(model, ids.image_slice), start.to(dev), positions.to(dev), seeds=seeds,
                         steps=cfg.image_steps, mask_id=ids.mask, vocab_offset=ids.image_offset,
-                        uncond_start=uncond if cfg.cfg_scale != 0 else None, cfg_scale=cfg.cfg_scale,
+                        uncond_start=uncond.to(dev) if cfg.cfg_scale != 0 else None, cfg_scale=cfg.cfg_scale,
                         temperature=cfg.image_temperature, order=cfg.order)
 
 
@@ -254,10 +255,10 @@ def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, st
         ros = [fn(model, world, s, seeds[i * g:(i + 1) * g], cfg) for i, s in enumerate(halves)]
         samples = [s for s in halves for _ in range(g)]
         if task == "understanding":
-            outputs = [world.decode_text(row) for ro in ros for row in ro.targets()]
+            outputs = [world.decode_text(row) for ro in ros for row in ro.targets().cpu()]
             rewards = world.understanding_rewards(samples, outputs)
         else:
-            codes = torch.cat([ro.targets().view(-1, world.grid, world.grid) for ro in ros])
+            codes = torch.cat([ro.targets().view(-1, world.grid, world.grid) for ro in ros]).cpu()  # the VQ's device
             outputs = world.decode_images(codes)
             rewards = world.generation_rewards(samples, outputs)
         mask = torch.cat([ro.step_map >= 0 for ro in ros])
