@@ -40,7 +40,7 @@ DIMOO_KEYS = ("rollout.image_steps", "rollout.text_steps", "rollout.text_block_l
 #: the update's memory by rollout.score_groups, not by micro-batches).
 JANUS_KEYS = ("rollout.image_top_k", "rollout.image_top_p", "rollout.image_logprob", "rollout.decode_images",
               "rollout.max_batch", "rollout.compile", "model.train_modules", "model.tiny_palette",
-              "optim.micro_batch_size", "train.eval_every")
+              "optim.micro_batch_size")
 
 
 def _get(cfg, key: str):

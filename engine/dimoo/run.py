@@ -325,7 +325,7 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
         optimizer_factory: Callable[[list], torch.optim.Optimizer] | None = None,
         on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
         lock: bool = True, extra: dict | None = None, rollout_guard=None,
-        abandon: tuple[type[BaseException], ...] = ()) -> RunResult:
+        abandon: tuple[type[BaseException], ...] = (), evaluate: Callable[[int], dict] | None = None) -> RunResult:
     """Train `steps` PairGRPO steps (`pairgrpo.train_step`) on `step_pairs`, saving a checkpoint (`save_state`,
     keeping the newest `keep`; <= 0: all) every `save_every` steps and at the last one (0: only the last), and
     out/metrics.jsonl after every step. The run folder is locked (`engine.lock.RunLock`) for the run's life
@@ -342,7 +342,9 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
     it just was) and the run returns with `stopped=True`. extra: state.json keys of every checkpoint (`save_state`).
     rollout_guard: a context-manager factory each step's rollouts run inside (`pairgrpo.train_step`); an exception
     of `abandon` raised there (`pairuni train`: a signal, `trainer.Interrupted`) abandons the step, whose rollouts
-    changed nothing, saves the last finished step unless it is saved, and returns with `stopped=True`."""
+    changed nothing, saves the last finished step unless it is saved, and returns with `stopped=True`.
+    evaluate: called with each finished step; what it returns joins that step's metrics row (`pairuni train`'s
+    held-out evaluation, `train.eval_every`; it must not change the training: its own seeds, no update)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
@@ -397,6 +399,8 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
                 stopped = True
                 log.info("stopped during step %d of %d (checkpoint %s)", step, steps, checkpoint)
                 break
+            if evaluate is not None:
+                row.update(evaluate(step))
             rows.append(row)
             _write_rows(out / METRICS, rows)
             if on_step is not None:

@@ -18,7 +18,8 @@ What maps to what (engine/config.py keys -> the DiMOO step, `step_config`):
   in model.dtype and `DimooFolderWorld` (its tokenizer and VQ, 512 px unless rollout.image_resolution).
   model.lora.rank > 0 -> adapters (engine/dimoo/lora.py); model.gradient_checkpointing -> per block.
 - train.* as for Janus-Pro: run_dir, steps, seed, save_every, resume (`engine.run_start.start_point`: the same
-  trajectory and data-fingerprint checks, before the model loads), on_existing, max_bad_steps, progress.
+  trajectory and data-fingerprint checks, before the model loads), on_existing, max_bad_steps, progress,
+  eval_every / eval_samples (the held-out pairs of data.eval_pairs_path or data.eval_fraction, `evaluate`).
 Checkpoints go through the engine's one store (engine/checkpoint_store.py); state.json carries the engine config
 and the data fingerprint as Janus-Pro's do, plus "family": "dimoo".
 
@@ -101,10 +102,13 @@ class DimooTrainer:
     """What `pairuni train` drives for model.family=dimoo: `from_config`, `train`, `stop`, `activity`, `kept`,
     `step` (as engine.trainer.PairGRPOTrainer)."""
 
-    def __init__(self, cfg: Config, *, model, world, pairs: list, start, device: torch.device):
+    def __init__(self, cfg: Config, *, model, world, pairs: list, start, device: torch.device,
+                 eval_pairs: list | None = None, eval_root: Path | None = None):
         from ..trainer import StopRequest
 
         self.cfg, self.model, self.world, self.pairs, self.start = cfg, model, world, pairs, start
+        self.eval_pairs, self.eval_root = eval_pairs or [], eval_root
+        self._tb = None
         self.device = device
         self.run_dir = Path(cfg.train.run_dir)
         self.step_cfg = step_config(cfg)
@@ -130,7 +134,8 @@ class DimooTrainer:
         model, world = build_model_and_world(cfg, splits.train, splits.root, device=device)
         model.to(device)
         set_threads(cfg.train.num_threads, model)
-        return cls(cfg, model=model, world=world, pairs=splits.train, start=start, device=device)
+        return cls(cfg, model=model, world=world, pairs=splits.train, start=start, device=device,
+                   eval_pairs=splits.eval, eval_root=splits.eval_root)
 
     def kept(self) -> str:
         if self.saved is None:
@@ -141,6 +146,31 @@ class DimooTrainer:
         from ..run_start import data_fingerprint
 
         return {"config": self.cfg.to_dict(), "data_fingerprint": data_fingerprint(self.cfg)}
+
+    def evaluate(self, step: int) -> dict:
+        """`train.eval_every`: the held-out pairs through engine/dimoo/evaluate.py (seeds of its own: training is
+        unchanged), run_dir/eval/step_N.json and .png (also to TensorBoard); returns the eval/* numbers."""
+        t = self.cfg.train
+        if not (t.eval_every and step % t.eval_every == 0 and self.eval_pairs):
+            return {}
+        import dataclasses
+
+        from ..checkpoint_store import step_name
+        from .evaluate import evaluate
+
+        world = dataclasses.replace(self.world, data_root=self.eval_root)  # held-out images may live elsewhere
+        was_training = self.model.training
+        try:
+            report = evaluate(self.model, world, self.eval_pairs, self.step_cfg, seed=t.seed, samples=t.eval_samples,
+                              settings={"step": step, "generation_reward": self.cfg.reward.generation})
+        finally:
+            self.model.train(was_training)
+        report.save(self.run_dir / "eval", step_name(step))
+        if self._tb is not None and report.grid is not None:
+            import numpy as np
+
+            self._tb.add_image("eval/images", np.asarray(report.grid.convert("RGB")), step, dataformats="HWC")
+        return report.metrics("eval/")
 
     def train(self) -> dict:
         """Run to `train.steps`; returns the summary dict of `pairuni train` (engine/train_cli.py)."""
@@ -165,8 +195,12 @@ class DimooTrainer:
             log.warning("train.on_existing=%s: the earlier run in %s moved to %s", t.on_existing, self.run_dir,
                         earlier)
         write_json(self.run_dir / "config.json", cfg.to_dict())
+        if cfg.data.eval_fraction > 0:  # the held-out pairs, for `pairuni eval --pairs` later
+            from ..evaluate import HELDOUT_FILE, write_pairs_elsewhere
+
+            write_pairs_elsewhere(self.eval_pairs, self.eval_root, self.run_dir / "eval" / HELDOUT_FILE)
         start_step = int(dimoo_run.read_state(self.start.path)["step"]) if resuming else 0
-        tb = _tensorboard(self.run_dir, start_step)
+        tb = self._tb = _tensorboard(self.run_dir, start_step)
         bar = tqdm(total=t.steps, initial=start_step, desc="PairGRPO (DiMOO)", disable=not t.progress, leave=True)
         t0 = time.perf_counter()
 
@@ -200,11 +234,12 @@ class DimooTrainer:
                 save_every=t.save_every, seed=t.seed, lr=cfg.optim.lr, pairs_per_step=cfg.data.pairs_per_step,
                 model_seed=cfg.model.tiny_seed, model=self.model, keep=2, optimizer_factory=optimizer_factory,
                 on_step=on_step, should_stop=lambda: self.stop.requested, lock=False, extra=self.state_extra(),
-                rollout_guard=self.stop.interruptible, abandon=(Interrupted,))
+                rollout_guard=self.stop.interruptible, abandon=(Interrupted,), evaluate=self.evaluate)
         finally:
             bar.close()
             if tb is not None:
                 tb.close()
+            self._tb = None
         self.step = int(dimoo_run.read_state(result.checkpoint)["step"]) if result.checkpoint else 0
         if result.checkpoint is not None:
             self.saved = (self.step, Path(result.checkpoint))

@@ -95,7 +95,7 @@ def test_a_resume_with_another_objective_is_refused_in_one_line(tmp_path, capsys
 
 @pytest.mark.parametrize(("family", "key", "value"), [
     ("janus_pro", "rollout.score_groups", "2"), ("janus_pro", "rollout.reveal_order", "confidence"),
-    ("dimoo", "rollout.image_top_k", "3"), ("dimoo", "optim.micro_batch_size", "4"),
+    ("dimoo", "rollout.image_top_k", "3"), ("dimoo", "optim.micro_batch_size", "4"), ("dimoo", "rollout.compile", "true"),
     ("dimoo", "algo.loss_type", "geo_mean"), ("dimoo", "rollout.temperature", "0"),
     ("dimoo", "rollout.text_steps", "3"), ("dimoo", "reward.generation", "clip"),
 ])
@@ -225,3 +225,18 @@ def test_eval_of_the_exported_folder_equals_eval_of_the_run(tmp_path, capsys):
     a, b = reports
     assert a["summary"]["overall"]["questions"] == 3 and a["summary"] == b["summary"]
     assert a["questions"] == b["questions"] and a["prompts"] == b["prompts"]  # every answer and image reward
+
+
+def test_evaluation_during_training_logs_eval_and_changes_no_training_number(tmp_path):
+    """train.eval_every for DiMOO: eval/* numbers join the rows, run_dir/eval/step_N.json is written, the held-out
+    pairs are saved for `pairuni eval`, and every training number equals the run without evaluation."""
+    held = ["data.max_pairs=6", "data.eval_fraction=0.34"]
+    assert train(tmp_path / "plain", "train.steps=2", *held) == 0
+    assert train(tmp_path / "evald", "train.steps=2", *held, "train.eval_every=1", "train.eval_samples=2") == 0
+    plain, evald = rows(tmp_path / "plain"), rows(tmp_path / "evald")
+    assert all("eval/understanding_accuracy" in r and "eval/generation_reward" in r for r in evald)
+    assert [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in evald] == plain
+    report = json.loads((tmp_path / "evald" / "eval" / "step_000002.json").read_text())
+    assert report["summary"]["overall"]["questions"] == 2 and report["summary"]["overall"]["images"] == 4
+    assert report["summary"]["overall"]["understanding_accuracy"] == evald[1]["eval/understanding_accuracy"]
+    assert (tmp_path / "evald" / "eval" / "heldout_pairs.jsonl").is_file()
