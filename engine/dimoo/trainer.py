@@ -280,9 +280,8 @@ def build_model_and_world(cfg: Config, pairs: list, data_root: Path | None, *, t
         model = DimooModel.from_pretrained(m.path, dtype=m.dtype, attn_backend=backend)
     model.gradient_checkpointing = m.gradient_checkpointing
     if m.lora.rank > 0:
-        from .lora import apply_lora
-
         from ..seeds import adapter_init
+        from .lora import apply_lora
 
         with torch.random.fork_rng(devices=[]):  # the adapters' A from the run's seed, not the global RNG's state
             torch.manual_seed(adapter_init(cfg.train.seed))
