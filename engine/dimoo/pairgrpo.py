@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from pairuni_kernels import fused_linear_policy_loss, pair_weights
+from pairuni_kernels import fused_linear_policy_loss, linear_logprobs, pair_weights
 from pairuni_kernels.policy_loss import loss_denominator, loss_share
 from pairuni_kernels.reference import COV_SELECTION_MODES, ROW_COUPLED_LOSS_TYPES, cfg_mix
 
@@ -64,9 +64,8 @@ ROW_LOSS_TYPES = ROW_COUPLED_LOSS_TYPES + COV_SELECTION_MODES
 def unsupported(a: AlgoConfig) -> tuple[str, str] | None:
     """(key, why) of the first `algo.` setting the DiMOO step cannot run, or None. Whole-row operations (the
     sequence-level ratio, seq-mean-token-mean, the row-coupled loss types vespo / geo_mean), batch-wide token
-    choices (clip_cov / kl_cov, the top-entropy mask), the KL to a reference model and reinforce++'s token
-    returns (a reveal order is not a time order) need a row's or the batch's tokens in one place; DiMOO scores a
-    row in `score_groups` runs."""
+    choices (clip_cov / kl_cov, the top-entropy mask) and reinforce++'s token returns (a reveal order is not a
+    time order) need a row's or the batch's tokens in one place; DiMOO scores a row in `score_groups` runs."""
     if a.loss_agg_mode not in LOSS_AGG_MODES:
         return "loss_agg_mode", f"one of {' | '.join(LOSS_AGG_MODES)} (a score run is part of a row)"
     if a.importance_sampling_level != "token":
@@ -75,8 +74,6 @@ def unsupported(a: AlgoConfig) -> tuple[str, str] | None:
         return "loss_type", f"none of {' / '.join(ROW_LOSS_TYPES)} (they read a whole row or batch at once)"
     if a.top_entropy_quantile != 1:
         return "top_entropy_quantile", "1 (the top-entropy mask needs the batch's tokens at once)"
-    if a.beta != 0:
-        return "beta", "0 (the DiMOO step has no reference-model pass yet)"
     if a.advantage_estimator == "reinforce_plus_plus":
         return "advantage_estimator", "an outcome estimator (reinforce++ discounts along a time order; a reveal " \
             "order is not one)"
@@ -173,12 +170,15 @@ class TaskBatch:
 
     rollouts: P DiffusionRollouts, rollout p holds rows p*G .. p*G+G-1 (each [G, L_p], positions [T]).
     rewards, advantages: [P * G] float32, row p*G + g = rollout p's sample g.
-    outputs: the decoded answers (understanding, list of P*G str) or images ([P*G, 3, S, S])."""
+    outputs: the decoded answers (understanding, list of P*G str) or images ([P*G, 3, S, S]).
+    ref_logp: with algo.beta > 0, per rollout [G, T] float32 log-probs of its tokens under the reference model,
+    each at its score run's state with the sampler's guidance and temperature (`reference_logprobs`), else None."""
 
     rollouts: list[DiffusionRollout]
     rewards: torch.Tensor
     advantages: torch.Tensor
     outputs: object
+    ref_logp: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -242,8 +242,13 @@ def pair_advantages(rewards: torch.Tensor, pairs: list, cfg: DimooGRPOConfig,
 
 
 @torch.no_grad()
-def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int) -> DimooBatch:
-    """Rollouts (seeds: `engine.rollout.rollout_seeds(seed, step, task, P * G)`), rewards and advantages."""
+def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int,
+               ref_model=None) -> DimooBatch:
+    """Rollouts (seeds: `engine.rollout.rollout_seeds(seed, step, task, P * G)`), rewards and advantages; with
+    algo.beta > 0 also the frozen `ref_model`'s log-probs of every sampled token (`reference_logprobs`, once per
+    step: the KL term of each of the mu inner epochs reads them)."""
+    if cfg.algo.beta > 0 and ref_model is None:
+        raise ValueError("ref_model: algo.beta > 0 needs the frozen reference model")
     g = cfg.group_size
     was_training = model.training
     model.eval()
@@ -262,9 +267,35 @@ def make_batch(model, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, st
             outputs = world.decode_images(codes)
             rewards = world.generation_rewards(samples, outputs)
         mask = torch.cat([ro.step_map >= 0 for ro in ros])
-        out[task] = TaskBatch(ros, rewards, pair_advantages(rewards, pairs, cfg, mask), outputs)
+        ref = [reference_logprobs(ref_model, world, task, ro, cfg) for ro in ros] if cfg.algo.beta > 0 else None
+        out[task] = TaskBatch(ros, rewards, pair_advantages(rewards, pairs, cfg, mask), outputs, ref)
     model.train(was_training)
     return DimooBatch(pairs, out["understanding"], out["generation"])
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model, world, task: str, ro: DiffusionRollout, cfg: DimooGRPOConfig) -> torch.Tensor:
+    """[G, T] float32 (float64 for a float64 model): each sampled token's log-prob under `ref_model` at its score
+    run's first state (the same runs as the update, `scoring.score_plan(ro, cfg.score_groups)`), guided and
+    tempered as the sampler was, over the task's head slice; 0 at positions no step revealed. One guided forward
+    per run, no graph."""
+    was_training = ref_model.training
+    ref_model.eval()
+    try:
+        targets = ro.targets()
+        ref = None
+        for run in score_plan(ro, cfg.score_groups):
+            step, b_idx, p_idx, _ = _group_rows(ro, run)
+            hc, hu = _branches(model_hidden_fn(ref_model), ro, step, b_idx, p_idx, "hidden_fn")
+            h = hc if hu is None else cfg_mix(hc, hu, ro.guidance_scale)
+            lp = linear_logprobs(h, ref_model.head_weight(task_head(ref_model, world, task)),
+                                 targets[b_idx, p_idx].to(h.device), temperature=ro.scoring_temperature)
+            if ref is None:  # float32 (float64 for a float64 model), as linear_logprobs gives
+                ref = torch.zeros(ro.step_map.shape, dtype=lp.dtype, device=ro.step_map.device)
+            ref[b_idx, p_idx] = lp.to(ref.device)
+        return ref
+    finally:
+        ref_model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -274,9 +305,10 @@ def task_denominator(task: TaskBatch, cfg: DimooGRPOConfig) -> torch.Tensor:
 
 
 def run_loss(model, world, task_name: str, ro: DiffusionRollout, advantages: torch.Tensor, run: list[int],
-             cfg: DimooGRPOConfig):
+             cfg: DimooGRPOConfig, ref_logp: torch.Tensor | None = None):
     """(PolicyLossOutput of the tokens revealed in `run` (a list of steps, scored at the state of its first),
-    its mask [G, T]). One guided forward; advantages: [G] of the rollout's rows."""
+    its mask [G, T]). One guided forward; advantages: [G] of the rollout's rows; ref_logp: [G, T] the reference
+    model's log-probs (`reference_logprobs`; with algo.beta > 0 the loss adds beta * KL)."""
     a = cfg.algo
     step, b_idx, p_idx, member = _group_rows(ro, run)
     hc, hu = _branches(model_hidden_fn(model), ro, step, b_idx, p_idx, "hidden_fn")
@@ -287,8 +319,16 @@ def run_loss(model, world, task_name: str, ro: DiffusionRollout, advantages: tor
                                    ro.old_logp.to(hidden.device), advantages.to(hidden.device), member,
                                    temperature=ro.scoring_temperature, epsilon_low=a.epsilon_low,
                                    epsilon_high=a.epsilon_high, loss_agg_mode=a.loss_agg_mode,
-                                   **algo_ops.loss_kwargs(a))
+                                   **_kl_kwargs(a, ref_logp, hidden.device), **algo_ops.loss_kwargs(a))
     return out, member
+
+
+def _kl_kwargs(a: AlgoConfig, ref_logp: torch.Tensor | None, device) -> dict:
+    if a.beta == 0:
+        return {}
+    if ref_logp is None:
+        raise ValueError("ref_logp: algo.beta > 0 needs the reference log-probs (make_batch(..., ref_model=))")
+    return {"ref_logp": ref_logp.to(device), "beta": a.beta, "kl_estimator": a.kl_estimator}
 
 
 def task_weights(cfg: DimooGRPOConfig) -> list[tuple[str, float]]:
@@ -299,22 +339,23 @@ def task_weights(cfg: DimooGRPOConfig) -> list[tuple[str, float]]:
 def backward(model, world, batch: DimooBatch, cfg: DimooGRPOConfig, *, on_run=None) -> dict:
     """Accumulate the gradient of sum_task weight_task * L_task, one score run (forward + backward) at a time.
 
-    Returns {task: (loss, clip_fraction, ratio_mean)} of the full task batch (share-weighted sums of the runs').
+    Returns {task: (loss, clip_fraction, ratio_mean, kl)} of the full task batch (share-weighted sums of the runs').
     on_run: called after each run's backward (tests count live activations there)."""
     sums = {}
     for task, w in task_weights(cfg):
         tb = batch.task(task)
         den = task_denominator(tb, cfg)
-        acc = torch.zeros(3, dtype=torch.float64)
+        acc = torch.zeros(4, dtype=torch.float64)
         g = cfg.group_size
         for i, ro in enumerate(tb.rollouts):
             adv = tb.advantages[i * g:(i + 1) * g]
+            ref = tb.ref_logp[i] if tb.ref_logp is not None else None
             for run in score_plan(ro, cfg.score_groups):
-                out, member = run_loss(model, world, task, ro, adv, run, cfg)
+                out, member = run_loss(model, world, task, ro, adv, run, cfg, ref)
                 share = loss_share(member, cfg.algo.loss_agg_mode, den.to(out.loss.dtype))  # fp64 model: fp64 share
                 (w * share * out.loss).backward()
-                acc += share.double().cpu() * torch.stack([out.loss, out.clip_fraction, out.ratio_mean]).detach() \
-                    .double().cpu()
+                acc += share.double().cpu() * torch.stack([out.loss, out.clip_fraction, out.ratio_mean, out.kl]) \
+                    .detach().double().cpu()
                 del out
                 if on_run is not None:
                     on_run()
@@ -331,8 +372,9 @@ def one_shot_loss(model, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> torc
         den = task_denominator(tb, cfg)
         g = cfg.group_size
         for i, ro in enumerate(tb.rollouts):
+            ref = tb.ref_logp[i] if tb.ref_logp is not None else None
             for run in score_plan(ro, cfg.score_groups):
-                out, member = run_loss(model, world, task, ro, tb.advantages[i * g:(i + 1) * g], run, cfg)
+                out, member = run_loss(model, world, task, ro, tb.advantages[i * g:(i + 1) * g], run, cfg, ref)
                 total = total + w * loss_share(member, cfg.algo.loss_agg_mode, den.to(out.loss.dtype)) * out.loss
     return total
 
@@ -351,8 +393,10 @@ def update(model, optimizer, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> 
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         metrics = {"grad_norm": norm}
-        for task, (loss, clip, ratio) in sums.items():
+        for task, (loss, clip, ratio, kl) in sums.items():
             metrics.update({f"loss.{task}": loss, f"clip_fraction.{task}": clip, f"ratio_mean.{task}": ratio})
+            if cfg.algo.beta > 0:
+                metrics[f"kl.{task}"] = kl
         if all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss.", "grad_norm"))):
             optimizer.step()
         else:
@@ -365,15 +409,16 @@ def update(model, optimizer, world, batch: DimooBatch, cfg: DimooGRPOConfig) -> 
 
 
 def train_step(model, optimizer, world, pairs: list, cfg: DimooGRPOConfig, *, seed: int, step: int,
-               rollout_guard=None) -> dict:
+               rollout_guard=None, ref_model=None) -> dict:
     """One PairGRPO step on `pairs`: make_batch then update; returns the metrics row (rewards included).
     rollout_guard: a context-manager factory the rollouts run inside (`pairuni train`: a signal abandons them,
-    `trainer.StopRequest.interruptible`); kill points "step:rollout" and "step:update" before each phase."""
+    `trainer.StopRequest.interruptible`); kill points "step:rollout" and "step:update" before each phase;
+    ref_model: the frozen reference (algo.beta > 0)."""
     from ..checkpoint_store import kill_point
 
     with rollout_guard() if rollout_guard is not None else contextlib.nullcontext():
         kill_point("step:rollout")
-        batch = make_batch(model, world, pairs, cfg, seed=seed, step=step)
+        batch = make_batch(model, world, pairs, cfg, seed=seed, step=step, ref_model=ref_model)
     kill_point("step:update")
     row = {"step": step, "reward.understanding": float(batch.und.rewards.mean()),
            "reward.generation": float(batch.gen.rewards.mean())}

@@ -325,7 +325,8 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
         optimizer_factory: Callable[[list], torch.optim.Optimizer] | None = None,
         on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
         lock: bool = True, extra: dict | None = None, rollout_guard=None,
-        abandon: tuple[type[BaseException], ...] = (), evaluate: Callable[[int], dict] | None = None) -> RunResult:
+        abandon: tuple[type[BaseException], ...] = (), evaluate: Callable[[int], dict] | None = None,
+        ref_model: DimooModel | None = None) -> RunResult:
     """Train `steps` PairGRPO steps (`pairgrpo.train_step`) on `step_pairs`, saving a checkpoint (`save_state`,
     keeping the newest `keep`; <= 0: all) every `save_every` steps and at the last one (0: only the last), and
     out/metrics.jsonl after every step. The run folder is locked (`engine.lock.RunLock`) for the run's life
@@ -344,7 +345,8 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
     of `abandon` raised there (`pairuni train`: a signal, `trainer.Interrupted`) abandons the step, whose rollouts
     changed nothing, saves the last finished step unless it is saved, and returns with `stopped=True`.
     evaluate: called with each finished step; what it returns joins that step's metrics row (`pairuni train`'s
-    held-out evaluation, `train.eval_every`; it must not change the training: its own seeds, no update)."""
+    held-out evaluation, `train.eval_every`; it must not change the training: its own seeds, no update).
+    ref_model: the frozen reference model of the KL term (algo.beta > 0; the run's start model)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
@@ -392,7 +394,7 @@ def run(world, cfg: DimooGRPOConfig, steps: int, out: str | os.PathLike, *, pair
         for step in range(start + 1, steps + 1):
             try:
                 row = train_step(model, optimizer, world, step_pairs(pairs, seed, step, pairs_per_step), cfg,
-                                 seed=seed, step=step, rollout_guard=rollout_guard)
+                                 seed=seed, step=step, rollout_guard=rollout_guard, ref_model=ref_model)
             except abandon:  # the rollouts of `step` were abandoned: the model is that of step - 1
                 if saved_step != step - 1:
                     checkpoint, saved_step = save(step - 1), step - 1

@@ -10,7 +10,8 @@ What maps to what (engine/config.py keys -> the DiMOO step, `step_config`):
   score_groups (0: one forward per step) -> the image sampler's and the scoring's; rollout.image_temperature.
 - rollout.cfg_scale s means what it means for Janus-Pro: guided logits u + s (c - u). DiMOO writes them
   (1 + w) c - w u, so w = s - 1 (s = 5: DiMOO's default w = 4; s = 1: no guidance, no unconditional rows).
-- algo.* -> the objective (every loss type and estimator the DiMOO step can run, `pairgrpo.unsupported`);
+- algo.* -> the objective (every loss type and estimator the DiMOO step can run, `pairgrpo.unsupported`); with
+  algo.beta > 0 a frozen copy of the start model is the KL's reference (its log-probs once per step);
   optim.* -> `engine.optim.PolicyOptimizer` (adamw8bit / adamw, master weights, Kahan, stochastic rounding),
   its whole state saved with each checkpoint (`SavedPolicyOptimizer`); optim.max_grad_norm (0: no clipping).
 - model.path null -> the tiny DiMOO of the toy world (`ToyDimooWorld`: toy tokenizer, painter VQ, 64 px images
@@ -103,11 +104,12 @@ class DimooTrainer:
     `step` (as engine.trainer.PairGRPOTrainer)."""
 
     def __init__(self, cfg: Config, *, model, world, pairs: list, start, device: torch.device,
-                 eval_pairs: list | None = None, eval_root: Path | None = None):
+                 eval_pairs: list | None = None, eval_root: Path | None = None, ref_model=None):
         from ..trainer import StopRequest
 
         self.cfg, self.model, self.world, self.pairs, self.start = cfg, model, world, pairs, start
         self.eval_pairs, self.eval_root = eval_pairs or [], eval_root
+        self.ref_model = ref_model
         self._tb = None
         self.device = device
         self.run_dir = Path(cfg.train.run_dir)
@@ -133,9 +135,14 @@ class DimooTrainer:
         device = distributed.resolve_device(cfg.train.device)
         model, world = build_model_and_world(cfg, splits.train, splits.root, device=device)
         model.to(device)
+        ref_model = None
+        if cfg.algo.beta > 0:  # the KL's reference: the start model (rebuilt before a resume loads its weights)
+            import copy
+
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         set_threads(cfg.train.num_threads, model)
         return cls(cfg, model=model, world=world, pairs=splits.train, start=start, device=device,
-                   eval_pairs=splits.eval, eval_root=splits.eval_root)
+                   eval_pairs=splits.eval, eval_root=splits.eval_root, ref_model=ref_model)
 
     def kept(self) -> str:
         if self.saved is None:
@@ -234,7 +241,8 @@ class DimooTrainer:
                 save_every=t.save_every, seed=t.seed, lr=cfg.optim.lr, pairs_per_step=cfg.data.pairs_per_step,
                 model_seed=cfg.model.tiny_seed, model=self.model, keep=2, optimizer_factory=optimizer_factory,
                 on_step=on_step, should_stop=lambda: self.stop.requested, lock=False, extra=self.state_extra(),
-                rollout_guard=self.stop.interruptible, abandon=(Interrupted,), evaluate=self.evaluate)
+                rollout_guard=self.stop.interruptible, abandon=(Interrupted,), evaluate=self.evaluate,
+                ref_model=self.ref_model)
         finally:
             bar.close()
             if tb is not None:

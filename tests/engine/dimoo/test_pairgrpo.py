@@ -70,7 +70,7 @@ def test_config_rejects_bad_values():
                          ({"generation_weight": -1.0}, "algo.generation_weight"),
                          ({"importance_sampling_level": "sequence"}, "algo.importance_sampling_level"),
                          ({"loss_type": "geo_mean"}, "algo.loss_type"), ({"loss_type": "clip_cov"}, "algo.loss_type"),
-                         ({"top_entropy_quantile": 0.5}, "algo.top_entropy_quantile"), ({"beta": 0.1}, "algo.beta"),
+                         ({"top_entropy_quantile": 0.5}, "algo.top_entropy_quantile"),
                          ({"advantage_estimator": "reinforce_plus_plus"}, "algo.advantage_estimator"),
                          ({"entropy_coef": 0.01, "loss_agg_mode": "seq-mean-token-sum"}, "algo.entropy_agg_mode")):
         with pytest.raises(ValueError, match=match):
@@ -165,7 +165,7 @@ def test_step_loss_and_gradients_match_float64_recomputation(world, pairs, gen, 
     assert sums["generation"][1] > 0  # some tokens clipped: the clip branch is exercised
 
 
-def _spec_objective(model, world, batch, cfg):
+def _spec_objective(model, world, batch, cfg, ref_model=None):
     """The step's objective through the float64 spec (`reference.clipped_policy_loss` with the config's loss
     type and knobs): each revealed token's log-prob at its run's state from full-vocabulary guided logits,
     assembled into the task's [P * G, T] tensor, then ONE spec call per task over all of its tokens."""
@@ -175,23 +175,31 @@ def _spec_objective(model, world, batch, cfg):
     a, total = cfg.algo, 0.0
     for task, w in pg.task_weights(cfg):
         tb = batch.task(task)
-        logps, olds, masks, ents = [], [], [], []
+        logps, olds, masks, ents, refs = [], [], [], [], []
         for ro in tb.rollouts:
             vocab = pg.task_head(model, world, task)
             logp = torch.zeros(ro.step_map.shape, dtype=torch.float64)
             ent = torch.zeros(ro.step_map.shape, dtype=torch.float64)
+            ref = torch.zeros(ro.step_map.shape, dtype=torch.float64)
             for run in score_plan(ro, cfg.score_groups):
                 member, full = _run_log_softmax(model, ro, run, vocab)
                 logp = torch.where(member, full.gather(-1, ro.targets()[..., None])[..., 0], logp)
                 ent = torch.where(member, -(full.exp() * full).sum(-1), ent)
+                if ref_model is not None:
+                    with torch.no_grad():
+                        _, ref_full = _run_log_softmax(ref_model, ro, run, vocab)
+                    ref = torch.where(member, ref_full.gather(-1, ro.targets()[..., None])[..., 0], ref)
             logps.append(logp)
             ents.append(ent)
+            refs.append(ref)
             olds.append(ro.old_logp.double())
             masks.append(ro.step_map >= 0)
         out = spec.clipped_policy_loss(torch.cat(logps), torch.cat(olds), tb.advantages.double(), torch.cat(masks),
                                        epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
                                        loss_agg_mode=a.loss_agg_mode, **algo_ops.loss_kwargs(a),
-                                       **({"entropy": torch.cat(ents)} if a.entropy_coef != 0 else {}))
+                                       **({"entropy": torch.cat(ents)} if a.entropy_coef != 0 else {}),
+                                       **({"ref_logp": torch.cat(refs), "beta": a.beta, "kl_estimator": a.kl_estimator}
+                                          if a.beta > 0 else {}))
         total = total + w * out.loss
     return total
 
@@ -199,14 +207,22 @@ def _spec_objective(model, world, batch, cfg):
 @pytest.mark.parametrize("knobs", [{"loss_type": "cispo", "epsilon_high": 2.0},
                                    {"loss_type": "sapo", "loss_agg_mode": "seq-mean-token-sum"},
                                    {"loss_type": "dppo_tv", "advantage_estimator": "rloo"},
-                                   {"entropy_coef": 0.05, "dual_clip_c": 3.0}])
+                                   {"entropy_coef": 0.05, "dual_clip_c": 3.0},
+                                   {"beta": 0.2, "kl_estimator": "k3"},
+                                   {"beta": 0.1, "kl_estimator": "k1", "kl_ratio_correction": True}])
 def test_every_runnable_loss_type_reaches_the_step_equal_to_the_float64_spec(world, pairs, gen, knobs):
     """The `algo.` knobs (engine.algo.AlgoConfig, as the Janus engine reads them) reach the DiMOO step: loss and
     gradients of the grouped backward equal the float64 spec over the task's whole token tensor."""
     model = world.tiny_model(seed=5).double()
     cfg = pg.DimooGRPOConfig(group_size=3, score_groups=2, image_steps=4, algo=AlgoConfig(mu=1, **knobs))
-    batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=7, step=1)
-    _assert_grouped_backward_equals(model, world, batch, cfg, gen, _spec_objective)
+    ref = world.tiny_model(seed=9).double() if cfg.algo.beta > 0 else None  # a reference unlike the policy
+    batch = pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=7, step=1, ref_model=ref)
+    sums = _assert_grouped_backward_equals(model, world, batch, cfg, gen,
+                                           lambda *args: _spec_objective(*args, ref_model=ref))
+    if ref is not None:
+        assert all(abs(sums[t][3]) > 1e-3 for t in pg.TASKS)  # the KL term is there, and not ~0
+        with pytest.raises(ValueError, match="ref_model"):
+            pg.make_batch(model, world, _two_pairs(pairs), cfg, seed=7, step=1)
 
 
 # ----------------------------------------------------------------------------- grouped backward

@@ -70,7 +70,8 @@ def test_one_config_line_switches_the_family(tmp_path, capsys):
     ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.update=kahan"],
     ["model.dtype=bfloat16", "optim.optimizer=adamw", "optim.master_weights=true"],
     ["model.lora.rank=4", "optim.lr=0.05"],                                  # adapter-only checkpoints
-], ids=["adamw8bit", "stochastic_rounding", "kahan", "master_weights", "lora"])
+    ["algo.beta=0.1", "optim.optimizer=adamw"],                               # the KL's reference: the start model
+], ids=["adamw8bit", "stochastic_rounding", "kahan", "master_weights", "lora", "kl"])
 def test_resume_through_the_cli_equals_the_straight_run(tmp_path, optim):
     """2 steps, stop, resume to 4 == 4 straight: the optimizer's whole state (8-bit moments, the rounding
     generator, Kahan buffers, fp32 masters) is in the checkpoint."""
@@ -80,6 +81,10 @@ def test_resume_through_the_cli_equals_the_straight_run(tmp_path, optim):
     assert train(split, "train.steps=4", "train.resume=true", *optim) == 0
     assert rows(split) == rows(straight)
     assert_same_weights(weights(split), weights(straight))
+    beta = any(o.startswith("algo.beta") for o in optim)
+    assert all(("kl.generation" in r) == beta for r in rows(split))
+    if beta:  # k3 >= 0, and > 0 once the policy has moved from the start model (the reference)
+        assert all(r["kl.generation"] > 1e-6 and r["kl.understanding"] >= 0 for r in rows(split))
 
 
 def test_a_resume_with_another_objective_is_refused_in_one_line(tmp_path, capsys):
