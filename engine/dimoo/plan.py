@@ -85,6 +85,8 @@ class DimooPlanConfig:
     32 x 32 codes, 1056 tokens)."""
     reveal_order: str
     """`rollout.reveal_order`: random | confidence (whether the scored ratio is exact; no memory)."""
+    reference: bool = False
+    """algo.beta > 0: the KL's frozen reference model, a second copy of the weights in the run's dtype."""
 
 
 def preset_of(model_path: str | Path) -> str:
@@ -136,7 +138,8 @@ def plan_of_run(run, *, model: str | None = None, gpus: int = 1,
     r = run.rollout
     resolution = r.image_resolution or RESOLUTIONS[model]
     image_grid(resolution)
-    return DimooPlanConfig(base, r.image_steps, r.score_groups or r.image_steps, resolution, r.reveal_order)
+    return DimooPlanConfig(base, r.image_steps, r.score_groups or r.image_steps, resolution, r.reveal_order,
+                           run.algo.beta > 0)
 
 
 def estimate(plan: DimooPlanConfig, *, config: DimooConfig | None = None) -> dict[str, float]:
@@ -160,7 +163,8 @@ def estimate(plan: DimooPlanConfig, *, config: DimooConfig | None = None) -> dic
     t = {"weights": weights / shard, "grads": trainable * grad_bytes / shard,
          "optimizer": trainable * optimizer_state_bytes(cfg) / shard,
          "master": trainable * 4 / shard if cfg.master_weights else 0.0,
-         "compensation": trainable * 2.0 if cfg.update == "kahan" else 0.0, "head_copy": head_copy}
+         "compensation": trainable * 2.0 if cfg.update == "kahan" else 0.0, "head_copy": head_copy,
+         "reference": total * pb if plan.reference else 0.0}
     step_bytes = {"kahan": 8, "stochastic_rounding": 14}.get(cfg.update, 4 if cfg.master_weights else 0)
     largest = max(dc.vocab_rows * h, h * inter)
     t["step"] = 0.0 if cfg.lora_rank or shard > 1 else largest * step_bytes
@@ -192,7 +196,7 @@ def estimate(plan: DimooPlanConfig, *, config: DimooConfig | None = None) -> dic
     t["rollout_gather"] = total * pb * (1 - 1 / shard)
     t["reward_models"] = cfg.reward_params * 4.0
 
-    persistent = t["weights"] + t["optimizer"] + t["master"] + t["compensation"] + t["reward_models"]
+    persistent = t["weights"] + t["optimizer"] + t["master"] + t["compensation"] + t["reward_models"] + t["reference"]
     t["rollout_peak"] = persistent + t["rollout_gather"] + t["rollout_forward"] + t["rollout_logits"]
     backward = t["activations"] + t["fsdp_gather"] + t["loss"] + t["head_copy"]
     t["update_peak"] = persistent + t["grads"] + max(backward, t["step"])
@@ -211,7 +215,7 @@ def estimate(plan: DimooPlanConfig, *, config: DimooConfig | None = None) -> dic
     return t
 
 
-TERMS = ("weights", "grads", "optimizer", "master", "compensation", "head_copy", "activations_image",
+TERMS = ("weights", "grads", "optimizer", "master", "compensation", "head_copy", "reference", "activations_image",
          "activations_text", "activations", "loss", "fsdp_gather", "step", "rollout_forward", "rollout_logits",
          "rollout_gather", "reward_models", "rollout_peak", "update_peak", "peak")
 

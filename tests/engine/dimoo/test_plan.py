@@ -339,3 +339,13 @@ def test_rollout_peak_matches_a_measured_dimoo_sampler():
           f"(transient {transient / 2**20:.1f} MiB)")
     assert transient > 0.5 * planned  # the rollout terms matter, or a wrong formula would pass
     assert planned == pytest.approx(measured, rel=0.2)
+
+
+def test_a_kl_reference_adds_one_copy_of_the_weights(capsys):
+    """algo.beta > 0: the reference model (a frozen copy of the start model, engine/dimoo/trainer.py) is one more
+    set of weights in the run's dtype, held through the rollout and the update."""
+    plain = cli_json(capsys, "--config", "configs/dimoo_8b_1gpu.yaml")["bytes"]
+    kl = cli_json(capsys, "--config", "configs/dimoo_8b_1gpu.yaml", "algo.beta=0.05")["bytes"]
+    assert plain["reference"] == 0 and kl["reference"] == kl["parameters"] * 2  # bf16
+    for key in ("rollout_peak", "update_peak", "peak"):
+        assert kl[key] == plain[key] + kl["reference"], key
